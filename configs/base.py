@@ -1,0 +1,74 @@
+"""Every configuration key of layerskip_jax, with its default and a one-line comment.
+
+Presets (the other files in this folder) start from this and override only what differs. Any key can be set on
+the command line as `--config.section.key=value`. `layerskip_jax.config.validate` checks the whole config before
+anything compiles. The model defaults are the CPU-sized `tiny` shape; the published presets override them.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+
+  # --- model: Hugging Face Llama names (config.json keys), plus our numerics options -------------------------
+  c.model = m = config_dict.ConfigDict()
+  m.vocab_size = 1024  # tokens in the vocabulary (rows of the embedding and of the LM head)
+  m.hidden_size = 256  # width of the residual stream
+  m.intermediate_size = 688  # width of the SwiGLU MLP
+  m.num_hidden_layers = 8  # L, the number of decoder layers (exit E = 1..L)
+  m.num_attention_heads = 4  # query heads
+  m.num_key_value_heads = 2  # key/value heads (grouped-query attention); must divide num_attention_heads
+  m.head_dim = 0  # per-head width; 0 means hidden_size // num_attention_heads
+  m.rope_theta = 10000.0  # RoPE base frequency
+  m.rope_scaling = config_dict.ConfigDict()
+  m.rope_scaling.rope_type = 'default'  # 'default' (none), 'linear', or 'llama3' (Llama 3.1 / 3.2 scaling)
+  m.rope_scaling.factor = 8.0  # 'linear' and 'llama3': context extension factor
+  m.rope_scaling.low_freq_factor = 1.0  # 'llama3' only
+  m.rope_scaling.high_freq_factor = 4.0  # 'llama3' only
+  m.rope_scaling.original_max_position_embeddings = 8192  # 'llama3' only: context length before scaling
+  m.rms_norm_eps = 1e-5  # epsilon of every RMSNorm
+  m.max_position_embeddings = 2048  # longest sequence the model is meant for (train.seq_len must not exceed it)
+  m.tie_word_embeddings = False  # LM head shares the embedding matrix (Llama 3.2 1B)
+  m.initializer_range = 0.02  # std of the normal initialiser of every weight matrix
+  m.dtype = 'float32'  # compute dtype of matmuls and activations: float32, bfloat16 or float16
+  m.param_dtype = 'float32'  # storage dtype of parameters: float32, bfloat16 or float16
+  m.remat_policy = 'none'  # per-layer rematerialisation: none, full, save_dots, save_proj (see model/layers.py)
+  m.attention_impl = 'xla'  # jax.nn.dot_product_attention implementation: xla (everywhere) or cudnn (GPU)
+  m.scan_unroll = 1  # layers per iteration of the layer scan (1 = rolled; num_hidden_layers = fully unrolled)
+
+  # --- layerskip: the training recipe (spec section 1) ----------------------------------------------------
+  c.layerskip = ls = config_dict.ConfigDict()
+  ls.p_max = 0.1  # layer-dropout rate of the last layer at the end of training; 0 turns layer dropout off
+  ls.depth_schedule = 'exp'  # D(l): exp (the paper's), uniform, linear, log, sin, sigmoid
+  ls.time_schedule = 'constant'  # S(t): constant (continual pretraining) or exp (pretraining from scratch)
+  ls.dropout_mode = 'per_sample'  # per_sample (one draw per sequence and layer) or per_batch (skips compute)
+  ls.e_scale = 1.0  # early-exit loss scale; 0 trains the last exit only
+  ls.curriculum = 'rotational'  # which exits are supervised: rotational, gradual, none (all, every step)
+  ls.rotation_period = 4  # R of the rotational curriculum
+  ls.exit_token_fraction = 1.0  # share of token positions each early exit's loss is computed on (1.0 = all)
+
+  # --- train ----------------------------------------------------------------------------------------------
+  c.train = t = config_dict.ConfigDict()
+  t.steps = 1000  # T, the number of optimizer updates of the run
+  t.batch_size = 8  # global batch (sequences) per optimizer update
+  t.grad_accum_steps = 1  # microbatches per update; must divide batch_size
+  t.seq_len = 256  # tokens per training sequence
+  t.seed = 0  # seed of parameter init, layer-dropout masks and data order
+
+  # --- data -------------------------------------------------------------------------------------------------
+  c.data = d = config_dict.ConfigDict()
+  d.source = 'python_stdlib'  # corpus: python_stdlib, a directory, a glob, a list file, tfds:NAME[:VERSION], shards
+  d.cache_dir = '~/.cache/layerskip_jax'  # where auto-prepared data (tokenizer, shards) is cached
+
+  # --- mesh: devices = data x fsdp x tensor; within-node (ici) times across-node (dcn) sizes ------------------
+  c.mesh = ms = config_dict.ConfigDict()
+  ms.data = 1  # pure data parallelism (replicated parameters); -1 fills the remaining devices
+  ms.fsdp = -1  # fully-sharded data parallelism (parameters sharded over their embed axis); -1 fills
+  ms.tensor = 1  # tensor parallelism (heads, MLP and vocab axes)
+  ms.dcn_data = 1  # data-parallel size across nodes/slices (multiplies data)
+  ms.dcn_fsdp = 1  # fsdp size across nodes/slices (multiplies fsdp)
+  ms.dcn_tensor = 1  # tensor size across nodes/slices (rarely > 1)
+
+  c.lock()
+  return c

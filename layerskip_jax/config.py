@@ -1,0 +1,312 @@
+"""Loading, overriding, validating and saving configs (ml_collections; every key is documented in configs/base.py).
+
+    config = load('configs/tiny.py', ['--config.model.num_hidden_layers=4'])   # or load('tiny', {...})
+
+`load` returns a validated, locked ConfigDict. Every problem is a `ConfigError` whose message is one line naming the
+key, the bad value and what is allowed; command lines print it and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import pathlib
+import runpy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ml_collections import config_dict
+
+from layerskip_jax.errors import UsageError
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+CONFIG_FILE_NAME = 'layerskip_config.json'
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_proj')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+ROPE_TYPES = ('default', 'linear', 'llama3')
+DEPTH_SCHEDULES = ('exp', 'uniform', 'linear', 'log', 'sin', 'sigmoid')
+TIME_SCHEDULES = ('constant', 'exp')
+DROPOUT_MODES = ('per_sample', 'per_batch')
+CURRICULA = ('rotational', 'gradual', 'none')
+
+_CHOICES = {
+    'model.dtype': DTYPES,
+    'model.param_dtype': DTYPES,
+    'model.remat_policy': REMAT_POLICIES,
+    'model.attention_impl': ATTENTION_IMPLS,
+    'model.rope_scaling.rope_type': ROPE_TYPES,
+    'layerskip.depth_schedule': DEPTH_SCHEDULES,
+    'layerskip.time_schedule': TIME_SCHEDULES,
+    'layerskip.dropout_mode': DROPOUT_MODES,
+    'layerskip.curriculum': CURRICULA,
+}
+
+# key: (lowest allowed, highest allowed or None, whether the lowest is excluded)
+_RANGES = {
+    'model.vocab_size': (1, None, False),
+    'model.hidden_size': (1, None, False),
+    'model.intermediate_size': (1, None, False),
+    'model.num_hidden_layers': (2, None, False),
+    'model.num_attention_heads': (1, None, False),
+    'model.num_key_value_heads': (1, None, False),
+    'model.head_dim': (0, None, False),
+    'model.rope_theta': (0.0, None, True),
+    'model.rope_scaling.factor': (1.0, None, False),
+    'model.rope_scaling.low_freq_factor': (0.0, None, True),
+    'model.rope_scaling.high_freq_factor': (0.0, None, True),
+    'model.rope_scaling.original_max_position_embeddings': (1, None, False),
+    'model.rms_norm_eps': (0.0, None, True),
+    'model.max_position_embeddings': (1, None, False),
+    'model.initializer_range': (0.0, None, False),
+    'model.scan_unroll': (1, None, False),
+    'layerskip.p_max': (0.0, 1.0, False),
+    'layerskip.e_scale': (0.0, None, False),
+    'layerskip.rotation_period': (1, None, False),
+    'layerskip.exit_token_fraction': (0.0, 1.0, True),
+    'train.steps': (1, None, False),
+    'train.batch_size': (1, None, False),
+    'train.grad_accum_steps': (1, None, False),
+    'train.seq_len': (2, None, False),
+    'train.seed': (0, None, False),
+}
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class ConfigError(UsageError):
+  """A config that cannot be used. The message is one line: key, bad value, what is allowed."""
+
+
+def base_config() -> config_dict.ConfigDict:
+  return _run_config_file(CONFIGS_DIR / 'base.py')
+
+
+def resolve_config_path(path_or_name: str) -> pathlib.Path:
+  """A path to a config file, or a preset's name ('tiny' means configs/tiny.py)."""
+  path = pathlib.Path(path_or_name).expanduser()
+  if path.is_file():
+    return path
+  preset = CONFIGS_DIR / f'{path_or_name}.py'
+  if preset.is_file():
+    return preset
+  known = ', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.py')))
+  raise ConfigError(f'--config={path_or_name}: no such config file; give a path or one of the presets: {known}')
+
+
+def _run_config_file(path: pathlib.Path) -> config_dict.ConfigDict:
+  try:
+    module = runpy.run_path(str(path))
+    config = module['get_config']()
+  except KeyError:
+    raise ConfigError(f'--config={path}: the file defines no get_config() function') from None
+  except (AttributeError, TypeError, ValueError) as e:  # a preset setting an unknown key or a wrongly typed value
+    raise ConfigError(f'--config={path}: {_one_line(e)}') from None
+  if not isinstance(config, config_dict.ConfigDict):
+    raise ConfigError(f'--config={path}: get_config() returned {type(config).__name__}, expected a ConfigDict')
+  return config
+
+
+def load(path_or_name: str | pathlib.Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> config_dict.ConfigDict:
+  """Loads a config file (or preset name), applies overrides, validates, and returns a locked ConfigDict.
+
+  `overrides` is a mapping {'model.hidden_size': 128} of typed or string values, or command-line strings
+  such as '--config.model.hidden_size=128' (the '--config.' prefix is optional).
+  """
+  config = _run_config_file(resolve_config_path(str(path_or_name)))
+  apply_overrides(config, overrides)
+  validate(config)
+  return config
+
+
+def split_override_args(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.key=value` arguments (ours) from the other flags (absl's)."""
+  rest, overrides = [], []
+  for arg in argv:
+    (overrides if arg.startswith('--config.') else rest).append(arg)
+  return rest, overrides
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: Mapping[str, Any] | Iterable[str]) -> None:
+  if isinstance(overrides, Mapping):
+    items = list(overrides.items())
+  else:
+    items = []
+    for arg in overrides:
+      text = arg[2:] if arg.startswith('--') else arg
+      text = text[len('config.'):] if text.startswith('config.') else text
+      if '=' not in text:
+        raise ConfigError(f'{arg}: a config override needs a value, as --config.{text}=VALUE')
+      key, value = text.split('=', 1)
+      items.append((key, value))
+  for key, value in items:
+    _set(config, key, value)
+
+
+def _lookup_parent(config: config_dict.ConfigDict, key: str) -> tuple[config_dict.ConfigDict, str]:
+  parts = key.split('.')
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      raise ConfigError(f'{key}: unknown config key{_suggestion(config, key)}')
+    if i < len(parts) - 1:
+      node = node[part]
+  return node, parts[-1]
+
+
+def _set(config: config_dict.ConfigDict, key: str, value: Any) -> None:
+  parent, name = _lookup_parent(config, key)
+  current = parent[name]
+  if isinstance(current, config_dict.ConfigDict):
+    raise ConfigError(f'{key}: is a section, not a key; set one of its keys: {", ".join(sorted(current.keys()))}')
+  parent[name] = _coerce(key, value, type(current))
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+  """Converts a command-line string (or a JSON value) to the type the key has in configs/base.py."""
+  what = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}.get(expected, expected.__name__)
+  if isinstance(value, str) and expected is not str:
+    text = value.strip()
+    if expected is bool:
+      if text.lower() in ('true', '1', 'yes'):
+        return True
+      if text.lower() in ('false', '0', 'no'):
+        return False
+      raise ConfigError(f'{key}={value!r}: expected {what}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise ConfigError(f'{key}={value!r}: expected {what}') from None
+  if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if expected is int and isinstance(value, float) and value.is_integer():
+    return int(value)
+  if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+    raise ConfigError(f'{key}={value!r}: expected {what}')
+  return value
+
+
+def _suggestion(config: config_dict.ConfigDict, key: str) -> str:
+  close = difflib.get_close_matches(key, list(_flat_keys(config)), n=1, cutoff=0.6)
+  return f'; did you mean {close[0]}?' if close else '; see configs/base.py for every key'
+
+
+def _flat_keys(config: config_dict.ConfigDict, prefix: str = '') -> Iterable[str]:
+  for k, v in config.items():
+    if isinstance(v, config_dict.ConfigDict):
+      yield from _flat_keys(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}'
+
+
+def _get(config: config_dict.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split())
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Checks every key's type against configs/base.py and every value and relation; raises ConfigError."""
+  base = base_config()
+  for key in _flat_keys(base):
+    try:
+      value = _get(config, key)
+    except (KeyError, AttributeError):
+      raise ConfigError(f'{key}: missing from the config; start presets from configs/base.py') from None
+    _coerce(key, value, type(_get(base, key)))
+  for key in _flat_keys(config):
+    try:
+      _get(base, key)
+    except (KeyError, AttributeError):
+      raise ConfigError(f'{key}: unknown config key{_suggestion(base, key)}') from None
+  for key, allowed in _CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ConfigError(f'{key}={value!r}: must be one of {", ".join(allowed)}')
+  for key, (low, high, low_excluded) in _RANGES.items():
+    value = _get(config, key)
+    if value < low or (low_excluded and value == low) or (high is not None and value > high):
+      bound = f'> {low}' if low_excluded else f'>= {low}'
+      if high is not None:
+        bound += f' and <= {high}'
+      raise ConfigError(f'{key}={value}: must be {bound}')
+  _validate_relations(config)
+
+
+def _validate_relations(config: config_dict.ConfigDict) -> None:
+  m, t = config.model, config.train
+  if m.hidden_size % m.num_attention_heads:
+    raise ConfigError(f'model.num_attention_heads={m.num_attention_heads}: must divide model.hidden_size='
+                      f'{m.hidden_size}')
+  if m.num_attention_heads % m.num_key_value_heads:
+    raise ConfigError(f'model.num_key_value_heads={m.num_key_value_heads}: must divide '
+                      f'model.num_attention_heads={m.num_attention_heads}')
+  head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+  if head_dim % 2:
+    raise ConfigError(f'model.head_dim={head_dim}: must be even (rotary embeddings rotate pairs of channels)')
+  rs = m.rope_scaling
+  if rs.rope_type == 'llama3' and rs.high_freq_factor <= rs.low_freq_factor:
+    raise ConfigError(f'model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed '
+                      f'model.rope_scaling.low_freq_factor={rs.low_freq_factor}')
+  if m.scan_unroll > m.num_hidden_layers:
+    raise ConfigError(f'model.scan_unroll={m.scan_unroll}: must be at most model.num_hidden_layers='
+                      f'{m.num_hidden_layers}')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'train.grad_accum_steps={t.grad_accum_steps}: must divide train.batch_size={t.batch_size}')
+  if t.seq_len > m.max_position_embeddings:
+    raise ConfigError(f'train.seq_len={t.seq_len}: must be at most model.max_position_embeddings='
+                      f'{m.max_position_embeddings}')
+  for axis in MESH_AXES:
+    for key in (axis, f'dcn_{axis}'):
+      value = config.mesh[key]
+      if value == 0 or value < -1:
+        raise ConfigError(f'mesh.{key}={value}: must be a positive size or -1 (fill the remaining devices)')
+  for prefix in ('', 'dcn_'):
+    fills = [f'mesh.{prefix}{a}' for a in MESH_AXES if config.mesh[prefix + a] == -1]
+    if len(fills) > 1:
+      raise ConfigError(f'{fills[1]}=-1: only one of {", ".join(fills)} may be -1')
+  tensor = config.mesh.tensor * config.mesh.dcn_tensor
+  if tensor > 0 and m.num_key_value_heads % tensor:
+    raise ConfigError(f'mesh.tensor={config.mesh.tensor}: tensor parallelism must divide '
+                      f'model.num_key_value_heads={m.num_key_value_heads}')
+
+
+def to_json(config: config_dict.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def save(config: config_dict.ConfigDict, directory: str | pathlib.Path) -> pathlib.Path:
+  """Writes DIR/layerskip_config.json (interfaces.md) atomically."""
+  path = pathlib.Path(directory) / CONFIG_FILE_NAME
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(to_json(config) + '\n')
+  tmp.replace(path)
+  return path
+
+
+def from_json(path: str | pathlib.Path) -> config_dict.ConfigDict:
+  """Reads a saved config onto base.py's defaults (keys added since it was written keep their defaults)."""
+  path = pathlib.Path(path)
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f'{path}: not a readable layerskip config ({_one_line(e)})') from None
+  config = base_config()
+  apply_overrides(config, dict(_flatten(data)))
+  validate(config)
+  return config
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = '') -> Iterable[tuple[str, Any]]:
+  for k, v in data.items():
+    if isinstance(v, Mapping):
+      yield from _flatten(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v

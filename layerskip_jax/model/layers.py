@@ -1,0 +1,138 @@
+"""One Llama decoder layer: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP.
+
+Parameter names follow Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...); kernels are
+stored [in, out] (Hugging Face stores [out, in]: conversion is a transpose). Every parameter carries logical axis
+names (`logical_axes` metadata) that sharding.LOGICAL_AXIS_RULES maps to the mesh.
+
+Numerics: parameters are stored in `param_dtype`; matmuls run in `dtype`; RMSNorm, rotary embeddings and the
+attention softmax run in float32. Projections act on [batch * seq, features] matrices: XLA's CPU backward pass is
+much slower on 3-D operands (spec section 1.4).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from layerskip_jax.model.model_config import ModelConfig
+from layerskip_jax.model.rope import apply_rope
+from layerskip_jax.sharding import constrain
+
+# model.remat_policy -> what the backward pass keeps from each layer's forward pass (None: keep everything).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj', 'attn_out', 'mlp_out'),
+}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], config: ModelConfig,
+          init: str = 'normal') -> nnx.Param:
+  """A parameter initialised like transformers' Llama (normal(0, initializer_range); norms to one)."""
+  if init == 'ones':
+    value = jnp.ones(shape, config.weight_dtype)
+  else:
+    value = (config.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(
+        config.weight_dtype)
+  return nnx.Param(value, logical_axes=logical_axes)
+
+
+def dense(x: jax.Array, kernel: nnx.Param, dtype: jnp.dtype) -> jax.Array:
+  """x [..., in] @ kernel [in, out] in `dtype`, as one 2-D matmul."""
+  lead = x.shape[:-1]
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel[...].astype(dtype))
+  return y.reshape(*lead, y.shape[-1])
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = config.rms_norm_eps
+    self.scale = param(rngs, (config.hidden_size,), ('norm',), config, init='ones')
+
+  def __call__(self, x: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    return (xf * self.scale[...].astype(jnp.float32)).astype(dtype or x.dtype)
+
+
+def causal_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array | None:
+  """[batch, 1, seq, seq] boolean mask: causal, and within one document when sequences are packed."""
+  if segment_ids is None:
+    return None
+  causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same_doc & causal)[:, None]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    self.q_proj = param(rngs, (c.hidden_size, c.num_attention_heads * c.head_dim), ('embed', 'q_heads'), c)
+    self.k_proj = param(rngs, (c.hidden_size, c.num_key_value_heads * c.head_dim), ('embed', 'kv_heads'), c)
+    self.v_proj = param(rngs, (c.hidden_size, c.num_key_value_heads * c.head_dim), ('embed', 'kv_heads'), c)
+    self.o_proj = param(rngs, (c.num_attention_heads * c.head_dim, c.hidden_size), ('q_heads', 'embed'), c)
+
+  def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries [B, T, heads, head_dim] and keys, and values [B, T, kv_heads, head_dim]."""
+    c = self.config
+    batch, seq = x.shape[:2]
+    dt = c.compute_dtype
+    q = dense(x, self.q_proj, dt).reshape(batch, seq, c.num_attention_heads, c.head_dim)
+    k = dense(x, self.k_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+    v = dense(x, self.v_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+    q = constrain(checkpoint_name(apply_rope(q, cos, sin), 'qkv_proj'),
+                  ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+    k = constrain(checkpoint_name(apply_rope(k, cos, sin), 'qkv_proj'),
+                  ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    v = constrain(checkpoint_name(v, 'qkv_proj'), ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+    return q, k, v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention (query heads grouped over shared K/V heads, never repeated); mask None = causal."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                        implementation=self.config.attention_impl)
+
+  def output(self, attn: jax.Array) -> jax.Array:
+    batch, seq = attn.shape[:2]
+    out = dense(attn.reshape(batch, seq, -1), self.o_proj, self.config.compute_dtype)
+    return checkpoint_name(out, 'attn_out')
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+    q, k, v = self.project_qkv(x, cos, sin)
+    return self.output(self.attend(q, k, v, mask))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.dtype = c.compute_dtype
+    self.gate_proj = param(rngs, (c.hidden_size, c.intermediate_size), ('embed', 'mlp'), c)
+    self.up_proj = param(rngs, (c.hidden_size, c.intermediate_size), ('embed', 'mlp'), c)
+    self.down_proj = param(rngs, (c.intermediate_size, c.hidden_size), ('mlp', 'embed'), c)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = jax.nn.silu(dense(x, self.gate_proj, self.dtype)) * dense(x, self.up_proj, self.dtype)
+    hidden = constrain(hidden, ('act_batch', 'act_seq', 'act_mlp'))
+    return checkpoint_name(dense(hidden, self.down_proj, self.dtype), 'mlp_out')
+
+
+class DecoderLayer(nnx.Module):
+  """x -> h = x + attn(norm(x)); out = h + mlp(norm(h)). In LayerSkip terms f_l(x) = out - x."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config, rngs=rngs)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+    h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask).astype(x.dtype)
+    out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
+    return constrain(out, ('act_batch', 'act_seq', 'act_embed'))

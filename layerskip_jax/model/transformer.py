@@ -1,0 +1,164 @@
+"""The Llama decoder with one shared exit head: embedding, L stacked layers applied by a scan, g = norm + LM head.
+
+Exit E (1..L) is g(x_E), the head applied to the output of the first E layers (interfaces.md). The pieces are
+public so that the objective and the samplers compose them:
+
+    x0 = model.embed(tokens)
+    xE, _ = model.run_layers(x0, positions, stop=E)          # layers [0, E); E may be a traced value
+    xL, _ = model.run_layers(xE, positions, start=E)         # layers [E, L), continuing from x_E
+    logits = model.head(xL)                                   # the shared exit head g
+    _, hidden = model.run_layers(x0, positions, collect=True) # hidden[l] = x_{l+1}, the output of layer l
+
+The layers' parameters are stacked on a leading `layers` axis (nnx.vmap at creation) and applied with
+jax.lax.scan, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layerskip_jax.model.layers import REMAT_POLICIES, DecoderLayer, RMSNorm, causal_mask, dense, param
+from layerskip_jax.model.model_config import ModelConfig
+from layerskip_jax.model.rope import rope_tables
+from layerskip_jax.sharding import constrain, param_shardings
+
+
+def default_positions(tokens: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ('vocab', 'embed'), c)
+
+    @nnx.split_rngs(splits=c.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked_layers(rngs):
+      return DecoderLayer(c, rngs=rngs)
+
+    self.layers = stacked_layers(rngs)
+    for _, variable in nnx.iter_graph(self.layers):
+      if isinstance(variable, nnx.Variable):
+        variable.set_metadata(logical_axes=('layers', *variable.get_metadata()['logical_axes']))
+    self.norm = RMSNorm(c, rngs=rngs)
+    if not c.tie_word_embeddings:
+      self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), c)
+
+  # --- pieces -----------------------------------------------------------------------------------------------
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """x_0 [batch, seq, hidden] in the compute dtype."""
+    x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
+    return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """The shared exit head g(x) = LM head(final RMSNorm(x)): float32 logits [..., vocab] for any layer's output."""
+    dt = self.config.compute_dtype
+    h = self.norm(x, dt)
+    if self.config.tie_word_embeddings:
+      logits = jnp.dot(h.reshape(-1, h.shape[-1]), self.embed_tokens[...].astype(dt).T)
+    else:
+      logits = dense(h.reshape(-1, h.shape[-1]), self.lm_head, dt)
+    logits = logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
+    return constrain(logits, ('act_batch', 'act_seq', 'act_vocab')) if logits.ndim == 3 else logits
+
+  def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
+                 start: int | jax.Array = 0, stop: int | jax.Array | None = None,
+                 layer_keep: jax.Array | None = None, sample_keep: jax.Array | None = None,
+                 collect: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Runs layers [start, stop) on x (the output of layer start-1, or x_0) and returns (output, hidden).
+
+    start/stop: Python ints scan only those layers; traced values scan all L and skip the others with lax.cond,
+      so one compiled program serves every exit.
+    layer_keep: bool [L]; a False layer is skipped with lax.cond (per-batch layer dropout: really saves compute).
+    sample_keep: bool [L, batch]; where False the sequence passes the layer unchanged (per-sample layer dropout:
+      x_{l+1} = x_l + M_l f_l(x_l) with M_l in {0, 1}, no rescaling).
+    collect: also return hidden [n, batch, seq, hidden], hidden[i] the output of the i-th layer scanned (with
+      static start=0 and stop=None, hidden[l] = x_{l+1}); otherwise hidden is None.
+    """
+    c = self.config
+    num_layers = c.num_hidden_layers
+    stop = num_layers if stop is None else stop
+    graphdef, state = nnx.split(self.layers)
+    index = jnp.arange(num_layers, dtype=jnp.int32)
+    static_range = isinstance(start, int) and isinstance(stop, int)
+    if static_range:
+      if not 0 <= start < stop <= num_layers:
+        raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
+      state, index, layer_keep, sample_keep = jax.tree.map(lambda a: a[start:stop],
+                                                           (state, index, layer_keep, sample_keep))
+    cos, sin = rope_tables(positions, c)
+    mask = causal_mask(segment_ids, x.shape[1])
+
+    def apply_layer(layer_state, x):
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+
+    policy_name = c.remat_policy
+    if policy_name != 'none':
+      apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+
+    def body(x, xs):
+      layer_state, l, keep_layer, keep_sample = xs
+      run = None if static_range else (l >= start) & (l < stop)
+      if keep_layer is not None:
+        run = keep_layer if run is None else run & keep_layer
+      if run is None:
+        y = apply_layer(layer_state, x)
+      else:
+        y = jax.lax.cond(run, apply_layer, lambda _, x: x, layer_state, x)
+      if keep_sample is not None:
+        y = jnp.where(keep_sample[:, None, None], y, x)
+      return y, (y if collect else None)
+
+    x, hidden = jax.lax.scan(body, x, (state, index, layer_keep, sample_keep), unroll=c.scan_unroll)
+    return x, hidden
+
+  # --- whole model ------------------------------------------------------------------------------------------
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               *, exit_layer: int | jax.Array | None = None) -> jax.Array:
+    """float32 logits [batch, seq, vocab] of exit `exit_layer` (E in 1..L; None = L, the final output)."""
+    positions = default_positions(tokens) if positions is None else positions
+    x, _ = self.run_layers(self.embed(tokens), positions, segment_ids, stop=exit_layer)
+    return self.head(x)
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None, **keep) -> jax.Array:
+    """[L, batch, seq, hidden]: entry l is x_{l+1}, the output (never the input) of layer l; keep as run_layers."""
+    positions = default_positions(tokens) if positions is None else positions
+    _, hidden = self.run_layers(self.embed(tokens), positions, segment_ids, collect=True, **keep)
+    return hidden
+
+
+def create(config: ModelConfig, seed: int = 0) -> Transformer:
+  """A randomly initialised model on the default device."""
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: ModelConfig) -> Transformer:
+  """The model with jax.ShapeDtypeStruct leaves: shapes and dtypes without allocating memory."""
+  return nnx.eval_shape(functools.partial(create, config))
+
+
+def count_params(config: ModelConfig) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract(config), nnx.Param)))
+
+
+def create_sharded(config: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Transformer:
+  """A randomly initialised model whose parameters are created already sharded on `mesh` (a jit with
+  out_shardings: no host ever holds the whole model). Same values as `create` (partitionable threefry)."""
+  graphdef, abstract_state = nnx.split(abstract(config))
+  shardings = param_shardings(abstract_state, mesh)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.split(create(config, seed))[1]
+
+  with jax.set_mesh(mesh):
+    return nnx.merge(graphdef, init())
