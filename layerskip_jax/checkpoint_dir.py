@@ -54,12 +54,12 @@ def steps(root: str | pathlib.Path) -> list[int]:
 def resolve(path: str | pathlib.Path) -> CheckpointDir:
   """DIR -> its latest step; DIR/checkpoints/<step> -> that step. Raises UsageError naming what is missing."""
   path = pathlib.Path(path).expanduser()
-  if not path.exists():
-    raise UsageError(f'--ckpt={path}: no such directory')
-  if path.is_dir() and path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+  if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
     root, step = path.parent.parent, int(path.name)
   else:
     root, step = path, None
+  if not root.is_dir():
+    raise UsageError(f'--ckpt={path}: no such directory')
   if not (root / CONFIG_FILE_NAME).is_file():
     raise UsageError(f'--ckpt={path}: not a layerskip_jax checkpoint directory (no {CONFIG_FILE_NAME} in {root}); '
                      'give a training workdir or a directory written by `convert import_hf`')

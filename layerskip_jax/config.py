@@ -167,6 +167,7 @@ def _set(config: config_dict.ConfigDict, key: str, value: Any) -> None:
 def _coerce(key: str, value: Any, expected: type) -> Any:
   """Converts a command-line string (or a JSON value) to the type the key has in configs/base.py."""
   what = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}.get(expected, expected.__name__)
+  original = value
   if isinstance(value, str) and expected is not str:
     text = value.strip()
     if expected is bool:
@@ -184,7 +185,7 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
   if expected is int and isinstance(value, float) and value.is_integer():
     return int(value)
   if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-    raise ConfigError(f'{key}={value!r}: expected {what}')
+    raise ConfigError(f'{key}={original!r}: expected {what}')
   return value
 
 
@@ -285,6 +286,7 @@ def to_json(config: config_dict.ConfigDict) -> str:
 def save(config: config_dict.ConfigDict, directory: str | pathlib.Path) -> pathlib.Path:
   """Writes DIR/layerskip_config.json (interfaces.md) atomically."""
   path = pathlib.Path(directory) / CONFIG_FILE_NAME
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.json.tmp')
   tmp.write_text(to_json(config) + '\n')
   tmp.replace(path)
