@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from layerskip_jax.config import split_override_args
 from layerskip_jax.errors import UsageError
@@ -48,6 +48,8 @@ def _parse(argv: list[str]) -> Args:
 def run(main: Callable[[Args], int | None]) -> None:
   """Runs `main` like absl.app.run, with our flag parsing and error reporting."""
   def guarded(args: Args) -> int | None:
+    if not flags.FLAGS['verbosity'].present:  # Orbax and JAX log every step at INFO; keep the console readable
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(args)
     except UsageError as e:

@@ -1,0 +1,1 @@
+"""Data: tokenizers (and, with the data pipeline, sources, preparation and loading)."""
