@@ -118,6 +118,12 @@ def test_export_round_trips_and_loads_in_transformers(tmp_path, sentencepiece_fi
   expected, got = _reference_logits(hf_model), _reference_logits(reloaded)
   for e, g in zip(expected, got):
     np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(e).max())
+  # transformers serves it with its own self-speculative decoding (assistant_early_exit=E), matching plain greedy
+  prompt = torch.tensor(TOKENS[:1, :10])
+  with torch.no_grad():
+    greedy = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
+    early_exit = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, assistant_early_exit=2)
+  assert greedy.tolist() == early_exit.tolist()
 
 
 def jax_leaves(tree):
