@@ -66,6 +66,7 @@ _RANGES = {
     'layerskip.e_scale': (0.0, None, False),
     'layerskip.rotation_period': (1, None, False),
     'layerskip.exit_token_fraction': (0.0, 1.0, True),
+    'layerskip.ce_chunk_len': (1, None, False),
     'train.steps': (1, None, False),
     'train.batch_size': (1, None, False),
     'train.grad_accum_steps': (1, None, False),

@@ -1,0 +1,149 @@
+"""The LayerSkip objective: layer dropout, then the early-exit loss through the one shared head (spec section 1.2).
+
+    J(t) = sum_l w(t, l) * CE(g(x_{l+1}), Y)
+
+Only the exits with non-zero weight are computed, at most `max_supervised_exits` of them per step (a static count),
+and each exit's cross-entropy runs over sequence chunks with the logits recomputed in the backward pass, so logits
+for all exits (or for a whole sequence) are never in memory at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from ml_collections import config_dict
+
+from layerskip_jax.model import Transformer
+from layerskip_jax.model.transformer import default_positions
+from layerskip_jax.objective.dropout import keep_masks
+from layerskip_jax.objective.keys import EXIT_TOKENS, step_key
+from layerskip_jax.objective.schedules import early_exit_weights, max_supervised_exits
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """The `layerskip` config section plus train.steps (T) and train.seed; static (hashable) under jit."""
+  total_steps: int
+  seed: int = 0
+  p_max: float = 0.1
+  depth_schedule: str = 'exp'
+  time_schedule: str = 'constant'
+  dropout_mode: str = 'per_sample'
+  e_scale: float = 1.0
+  curriculum: str = 'rotational'
+  rotation_period: int = 4
+  exit_token_fraction: float = 1.0
+  ce_chunk_len: int = 512
+
+  @classmethod
+  def from_config(cls, config: config_dict.ConfigDict) -> 'ObjectiveConfig':
+    return cls(total_steps=config.train.steps, seed=config.train.seed, **config.layerskip.to_dict())
+
+  @property
+  def is_baseline(self) -> bool:
+    """p_max = 0 and e_scale = 0: a plain language-model step (last exit only, no masks)."""
+    return self.p_max == 0 and self.e_scale == 0
+
+
+def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                      chunk_len: int) -> jax.Array:
+  """sum over tokens of mask * CE(g(hidden), targets), float32, for hidden [B, T, D], targets/mask [B, T].
+
+  Chunks of `chunk_len` positions go through the head one at a time (lax.scan), each under jax.checkpoint:
+  peak memory holds one chunk's logits [B, chunk_len, V] in both passes.
+  """
+  batch, seq, dim = hidden.shape
+  chunk_len = min(chunk_len, seq)
+  num_chunks = -(-seq // chunk_len)
+  pad = num_chunks * chunk_len - seq
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+
+  def chunks(a):
+    return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_ce(h, y, m):
+    logits = model.head(h)  # float32 [B, chunk, V]
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
+
+  def body(total, xs):
+    return total + chunk_ce(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (chunks(hidden), chunks(targets), chunks(mask.astype(jnp.float32))))
+  return total
+
+
+def _exit_token_subset(cfg: ObjectiveConfig, seq: int, step, microbatch, layer) -> jax.Array | None:
+  """Sequence positions layer `layer`'s exit is scored on this step (None: all). Uniform without replacement,
+  from a key that is a pure function of (seed, step, microbatch, layer): an unbiased estimate of the exit's CE."""
+  if cfg.exit_token_fraction >= 1.0:
+    return None
+  count = max(1, math.ceil(cfg.exit_token_fraction * seq))
+  key = jax.random.fold_in(step_key(cfg.seed, EXIT_TOKENS, step, microbatch), layer)
+  return jax.random.choice(key, seq, (count,), replace=False)
+
+
+def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | jax.Array,
+                   microbatch: int | jax.Array, cfg: ObjectiveConfig, *, train: bool = True
+                   ) -> tuple[jax.Array, dict[str, Any]]:
+  """(J, metrics) for one microbatch. `step` is t (0-based: the update that produces step t+1).
+
+  batch: `inputs`, `targets` int [B, T]; `loss_mask` [B, T] (1 where the target counts; 0 on padding, on
+  prompt tokens of fine-tuning data, and across document boundaries); optional `positions` and `segment_ids`.
+  metrics: `loss` (J), `ce_last`, `exit_ce` float32 [L] (NaN where the exit was not computed this step),
+  `tokens` (the number of target tokens). With train=False there is no layer dropout.
+  """
+  inputs, targets = batch['inputs'], batch['targets']
+  mask = batch['loss_mask'].astype(jnp.float32)
+  positions = batch.get('positions')
+  positions = default_positions(inputs) if positions is None else positions
+  num_layers = model.config.num_hidden_layers
+  batch_size, seq = inputs.shape
+
+  layer_keep, sample_keep = (None, None)
+  if train:
+    layer_keep, sample_keep = keep_masks(
+        num_layers, batch_size, step, microbatch, seed=cfg.seed, p_max=cfg.p_max, total_steps=cfg.total_steps,
+        depth_schedule=cfg.depth_schedule, time_schedule=cfg.time_schedule, mode=cfg.dropout_mode)
+  num_early = max_supervised_exits(num_layers, cfg.total_steps, cfg.curriculum, cfg.rotation_period,
+                                   cfg.e_scale) - 1  # the last exit is always supervised, on its own
+  x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'),
+                                    layer_keep=layer_keep, sample_keep=sample_keep, collect=num_early > 0)
+
+  tokens = jnp.sum(mask)
+  denominator = jnp.maximum(tokens, 1.0)
+  ce_last = cross_entropy_sum(model, x_last, targets, mask, cfg.ce_chunk_len) / denominator
+  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale)
+  loss = weights[-1] * ce_last
+  exit_ce = jnp.full((num_layers,), jnp.nan, jnp.float32).at[-1].set(ce_last)
+
+  if num_early > 0:
+    early_weights = weights[:-1]
+    chosen_weights, chosen = jax.lax.top_k(early_weights, num_early)  # every active early exit, then zeros
+
+    def exit_ce_of(layer):
+      h = hidden[layer]  # x_{layer+1}: the output of layer `layer`
+      y, m = targets, mask
+      subset = _exit_token_subset(cfg, seq, step, microbatch, layer)
+      if subset is not None:
+        h, y, m = h[:, subset], y[:, subset], m[:, subset]
+      return cross_entropy_sum(model, h, y, m, cfg.ce_chunk_len) / jnp.maximum(jnp.sum(m), 1.0)
+
+    def body(_, xs):
+      layer, weight = xs
+      return None, jax.lax.cond(weight > 0, exit_ce_of, lambda _: jnp.zeros((), jnp.float32), layer)
+
+    _, early_ce = jax.lax.scan(body, None, (chosen, chosen_weights))
+    loss = loss + jnp.sum(chosen_weights * early_ce)
+    exit_ce = exit_ce.at[chosen].set(jnp.where(chosen_weights > 0, early_ce, jnp.nan))
+
+  return loss, {'loss': loss, 'ce_last': ce_last, 'exit_ce': exit_ce, 'tokens': tokens}
