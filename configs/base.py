@@ -57,6 +57,14 @@ def get_config() -> config_dict.ConfigDict:
   t.grad_accum_steps = 1  # microbatches per update; must divide batch_size
   t.seq_len = 256  # tokens per training sequence
   t.seed = 0  # seed of parameter init, layer-dropout masks and data order
+  t.learning_rate = 1e-3  # peak learning rate (AdamW), reached after warmup_steps
+  t.warmup_steps = 50  # linear warmup from 0
+  t.min_lr_ratio = 0.1  # cosine decay ends at learning_rate * min_lr_ratio at train.steps
+  t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norm scales)
+  t.adam_b1 = 0.9  # AdamW beta1
+  t.adam_b2 = 0.95  # AdamW beta2
+  t.adam_eps = 1e-8  # AdamW epsilon
+  t.grad_clip_norm = 1.0  # clip the global gradient norm to this (0 = no clipping)
 
   # --- data -------------------------------------------------------------------------------------------------
   c.data = d = config_dict.ConfigDict()

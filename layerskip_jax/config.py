@@ -72,6 +72,14 @@ _RANGES = {
     'train.grad_accum_steps': (1, None, False),
     'train.seq_len': (2, None, False),
     'train.seed': (0, None, False),
+    'train.learning_rate': (0.0, None, True),
+    'train.warmup_steps': (0, None, False),
+    'train.min_lr_ratio': (0.0, 1.0, False),
+    'train.weight_decay': (0.0, None, False),
+    'train.adam_b1': (0.0, 1.0, False),
+    'train.adam_b2': (0.0, 1.0, False),
+    'train.adam_eps': (0.0, None, True),
+    'train.grad_clip_norm': (0.0, None, False),
 }
 
 MESH_AXES = ('data', 'fsdp', 'tensor')

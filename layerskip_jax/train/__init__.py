@@ -1,0 +1,1 @@
+"""Training: optimizer, the jitted train step (and, with the trainer, state, checkpoints, metrics, the CLI)."""
