@@ -70,6 +70,12 @@ def get_config() -> config_dict.ConfigDict:
   c.data = d = config_dict.ConfigDict()
   d.source = 'python_stdlib'  # corpus: python_stdlib, a directory, a glob, a list file, tfds:NAME[:VERSION], shards
   d.cache_dir = '~/.cache/layerskip_jax'  # where auto-prepared data (tokenizer, shards) is cached
+  d.tokenizer = ''  # tokenizer.model / tokenizer.json; '' = init_from's, else train one on the source (vocab_size)
+  d.train_split = 'train'  # split trained on (python_stdlib and local files: train / heldout by stable hash)
+  d.eval_split = 'heldout'  # split evaluated on ('' = no evaluation; tfds: e.g. validation)
+  d.tfds_data_dir = ''  # data_dir of tfds:NAME sources ('' = tfds's default)
+  d.text_key = 'text'  # text field of tfds records
+  d.num_workers = 0  # grain worker processes (0: in the train process; workers compete for CPU cores)
 
   # --- mesh: devices = data x fsdp x tensor; within-node (ici) times across-node (dcn) sizes ------------------
   c.mesh = ms = config_dict.ConfigDict()

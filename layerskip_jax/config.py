@@ -80,6 +80,7 @@ _RANGES = {
     'train.adam_b2': (0.0, 1.0, False),
     'train.adam_eps': (0.0, None, True),
     'train.grad_clip_norm': (0.0, None, False),
+    'data.num_workers': (0, None, False),
 }
 
 MESH_AXES = ('data', 'fsdp', 'tensor')

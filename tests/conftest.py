@@ -24,3 +24,35 @@ def small_config() -> ModelConfig:
 def small_model():
   """A 4-layer GQA model with large enough weights that layers change the residual stream visibly. Read-only."""
   return create(SMALL, seed=0)
+
+
+def run_processes(script: str, num_processes: int = 2, devices_per_process: int = 2, timeout: int = 600,
+                  extra_env: dict | None = None) -> list[str]:
+  """Runs `script` in `num_processes` local processes joined by jax.distributed on 127.0.0.1 (each with
+  `devices_per_process` CPU devices; the script reads LS_COORDINATOR, LS_NUM_PROCESSES, LS_PROCESS_ID). Returns
+  each process's stdout; fails with their stderr if any exits non-zero."""
+  import os
+  import socket
+  import subprocess
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(num_processes):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+               LS_COORDINATOR=f'127.0.0.1:{port}', LS_NUM_PROCESSES=str(num_processes), LS_PROCESS_ID=str(pid),
+               **(extra_env or {}))
+    procs.append(subprocess.Popen([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT))
+  outputs = []
+  for pid, proc in enumerate(procs):
+    try:
+      out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    assert proc.returncode == 0, f'process {pid} failed:\n{err[-3000:]}'
+    outputs.append(out)
+  return outputs

@@ -142,3 +142,85 @@ def load(path: str | pathlib.Path) -> Tokenizer:
     return SentencePieceTokenizer(path)
   except (RuntimeError, OSError):
     raise UsageError(f'{path}: not a sentencepiece model (Llama 3 ships tokenizer.json; use that)') from None
+
+
+# --- training a sentencepiece tokenizer -------------------------------------------------------------------------
+
+MIN_VOCAB = 300  # byte fallback needs 256 byte pieces plus the specials and some merges
+
+
+def train_sentencepiece(source_spec: str, vocab_size: int, out: str | pathlib.Path, *, split: str = 'train',
+                        max_lines: int = 2_000_000, **source_options) -> pathlib.Path:
+  """Trains a code-friendly BPE sentencepiece model (byte fallback, no normalisation, whitespace kept) on the
+  documents of a source; writes it atomically to `out`. Ids: unk 0, bos 1, eos 2 (Llama's layout)."""
+  import os
+
+  import sentencepiece as spm
+
+  from layerskip_jax.data.sources import open_source
+  if vocab_size < MIN_VOCAB:
+    raise UsageError(f'--vocab_size={vocab_size}: must be at least {MIN_VOCAB} (byte fallback needs 259 pieces)')
+  source = open_source(source_spec, split, **source_options)
+
+  def lines():
+    count = 0
+    for doc in source.documents():
+      for text in (doc.text, doc.prompt, doc.completion):
+        for line in (text or '').splitlines():
+          if line.strip():
+            yield line
+            count += 1
+            if count >= max_lines:
+              return
+
+  out = pathlib.Path(out).expanduser()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as writer:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines(), model_writer=writer, vocab_size=vocab_size, model_type='bpe',
+          byte_fallback=True, character_coverage=0.9995, normalization_rule_name='identity',
+          remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+          max_sentence_length=16384, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+          num_threads=os.cpu_count() or 1, minloglevel=2)
+    tmp.replace(out)
+  except RuntimeError as e:
+    raise UsageError(f'sentencepiece training failed on --source={source_spec}: {" ".join(str(e).split())[:300]}'
+                     ) from None
+  finally:
+    tmp.unlink(missing_ok=True)
+  return out
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """A tokenizer whose ids reach past the model's embedding is an error before training, not a crash in a gather."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise UsageError(f'model.vocab_size={model_vocab_size}: smaller than the tokenizer\'s {tokenizer.vocab_size} '
+                     f'pieces ({tokenizer.path}); set --config.model.vocab_size={tokenizer.vocab_size}')
+
+
+def main(args) -> None:
+  from absl import flags
+  f = flags.FLAGS
+  if args.positional[1:] != ['train']:
+    raise UsageError(f'expected the command "train"; got {" ".join(args.positional[1:]) or "nothing"}')
+  if not f.source or not f.out:
+    raise UsageError('train needs --source and --out')
+  out = train_sentencepiece(f.source, f.vocab_size, f.out, split=f.split, tfds_data_dir=f.tfds_data_dir,
+                            text_key=f.text_key)
+  tok = load(out)
+  print(f'wrote {out}: {tok.vocab_size} pieces')
+
+
+if __name__ == '__main__':
+  from absl import flags
+
+  from layerskip_jax import cli
+  flags.DEFINE_string('source', None, 'python_stdlib, a directory, glob, @list file, .jsonl, or tfds:NAME')
+  flags.DEFINE_string('split', 'train', 'split of the source (python_stdlib: train or heldout)')
+  flags.DEFINE_integer('vocab_size', 1024, 'pieces in the trained model')
+  flags.DEFINE_string('out', None, 'the tokenizer.model file to write')
+  flags.DEFINE_string('tfds_data_dir', None, 'TFDS data_dir for tfds: sources')
+  flags.DEFINE_string('text_key', 'text', 'text field of tfds records')
+  cli.run(main)

@@ -18,14 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from flax import nnx
 
 from layerskip_jax import cli
 from layerskip_jax import config as config_lib
-from layerskip_jax.model import ModelConfig, abstract, create
-from layerskip_jax.objective.loss import ObjectiveConfig
-from layerskip_jax.train.optimizer import make_optimizer
-from layerskip_jax.train.step import make_train_step
+from layerskip_jax.train.step import compiled_train_step
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
 flags.DEFINE_list('what', ['speed', 'memory'], 'speed, memory, or both')
@@ -48,30 +44,13 @@ SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come
 }
 
 
-def _compiled_step(config, batch_size: int, seq_len: int, concrete: bool):
-  model_config = ModelConfig.from_config(config.model)
-  model = create(model_config, config.train.seed) if concrete else abstract(model_config)
-  graphdef, params_state = nnx.split(model)
-  tx = make_optimizer(config.train, params_state)
-  params = nnx.to_pure_dict(params_state)
-  state = {'params': params, 'opt_state': (tx.init(params) if concrete else jax.eval_shape(tx.init, params))}
-  step_fn = jax.jit(make_train_step(graphdef, tx, ObjectiveConfig.from_config(config), config.train.grad_accum_steps),
-                    donate_argnums=0)
-  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-           'targets': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-           'loss_mask': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
-  compiled = step_fn.lower(jax.eval_shape(lambda: state) if not concrete else state, batch,
-                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
-  return compiled, state
-
-
 def speed(config_name: str, steps: int) -> dict:
   results = {}
   for name, overrides in SPEED_SETTINGS.items():
     config = config_lib.load(config_name, {f'layerskip.{k}': v for k, v in overrides.items()})
     b, t = config.train.batch_size, config.train.seq_len
     start = time.perf_counter()
-    compiled, state = _compiled_step(config, b, t, concrete=True)
+    compiled, state = compiled_train_step(config, b, t, concrete=True)
     compile_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.model.vocab_size, (b, t + 1)), jnp.int32)
@@ -99,7 +78,7 @@ def memory(config_name: str, seq_len: int, batch: int) -> dict:
     config = config_lib.load(config_name, {**{f'layerskip.{k}': v for k, v in overrides.items()},
                                            'train.seq_len': seq_len, 'train.batch_size': batch,
                                            'train.grad_accum_steps': 1})
-    compiled, _ = _compiled_step(config, batch, seq_len, concrete=False)
+    compiled, _ = compiled_train_step(config, batch, seq_len, concrete=False)
     analysis = compiled.memory_analysis()
     results[name] = {'temp_bytes': int(analysis.temp_size_in_bytes),
                      'argument_bytes': int(analysis.argument_size_in_bytes),

@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from ml_collections import config_dict
 
+from layerskip_jax.model import ModelConfig, abstract, create
 from layerskip_jax.objective import ObjectiveConfig, layerskip_loss
+from layerskip_jax.train.optimizer import make_optimizer
 
 TrainState = dict[str, Any]  # {'params': ..., 'opt_state': ...}
 
@@ -62,3 +65,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
     return {'params': new_params, 'opt_state': opt_state}, metrics
 
   return train_step
+
+
+def compiled_train_step(config: config_dict.ConfigDict, batch_size: int, seq_len: int, concrete: bool):
+  """(compiled step, state) for one device, for benchmarks: a fresh model and optimizer (concrete=True), or
+  abstract shapes only (compile without allocating: memory analysis of models that do not fit)."""
+  model_config = ModelConfig.from_config(config.model)
+  model = create(model_config, config.train.seed) if concrete else abstract(model_config)
+  graphdef, params_state = nnx.split(model)
+  tx = make_optimizer(config.train, params_state)
+  params = nnx.to_pure_dict(params_state)
+  state = {'params': params, 'opt_state': (tx.init(params) if concrete else jax.eval_shape(tx.init, params))}
+  step_fn = jax.jit(make_train_step(graphdef, tx, ObjectiveConfig.from_config(config), config.train.grad_accum_steps),
+                    donate_argnums=0)
+  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+           'targets': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+           'loss_mask': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+  compiled = step_fn.lower(jax.eval_shape(lambda: state) if not concrete else state, batch,
+                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return compiled, state
