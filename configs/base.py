@@ -65,6 +65,24 @@ def get_config() -> config_dict.ConfigDict:
   t.adam_b2 = 0.95  # AdamW beta2
   t.adam_eps = 1e-8  # AdamW epsilon
   t.grad_clip_norm = 1.0  # clip the global gradient norm to this (0 = no clipping)
+  t.init_from = ''  # checkpoint directory to start from (weights only, fresh optimizer, step 0): continual pretraining
+  t.log_every = 1  # steps between metrics rows (metrics.jsonl, TensorBoard)
+  t.eval_every = 100  # steps between held-out evaluations of every exit (0 = only at the end)
+  t.eval_batches = 4  # batches of the eval split per evaluation
+  t.peak_tflops = 0.28  # peak TFLOP/s of one device, the MFU denominator (0.28: a 2-core CPU in float32)
+
+  # --- checkpoint (Orbax) ------------------------------------------------------------------------------------
+  c.checkpoint = ck = config_dict.ConfigDict()
+  ck.every_steps = 100  # steps between checkpoints (and one at the end, and on SIGTERM/SIGINT)
+  ck.keep = 3  # checkpoints kept (oldest deleted first)
+  ck.async_save = True  # write checkpoints in the background while training continues
+
+  # --- logging ---------------------------------------------------------------------------------------------------
+  c.logging = lg = config_dict.ConfigDict()
+  lg.tensorboard = True  # event files under WORKDIR/tb/ (tensorboardX)
+  lg.wandb = False  # also log to Weights & Biases (when wandb is installed)
+  lg.wandb_project = 'layerskip_jax'  # W&B project name
+  lg.progress_bar = True  # a console progress bar (off: one line per log step)
 
   # --- data -------------------------------------------------------------------------------------------------
   c.data = d = config_dict.ConfigDict()

@@ -81,6 +81,12 @@ _RANGES = {
     'train.adam_eps': (0.0, None, True),
     'train.grad_clip_norm': (0.0, None, False),
     'data.num_workers': (0, None, False),
+    'train.log_every': (1, None, False),
+    'train.eval_every': (0, None, False),
+    'train.eval_batches': (1, None, False),
+    'train.peak_tflops': (0.0, None, True),
+    'checkpoint.every_steps': (1, None, False),
+    'checkpoint.keep': (1, None, False),
 }
 
 MESH_AXES = ('data', 'fsdp', 'tensor')

@@ -49,14 +49,14 @@ class ObjectiveConfig:
     return self.p_max == 0 and self.e_scale == 0
 
 
-def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                      chunk_len: int) -> jax.Array:
-  """sum over tokens of mask * CE(g(hidden), targets), float32, for hidden [B, T, D], targets/mask [B, T].
+def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_len: int,
+                     stats) -> Any:
+  """Sums stats(logits [B, c, V], targets [B, c], mask [B, c]) over chunks of `chunk_len` sequence positions.
 
-  Chunks of `chunk_len` positions go through the head one at a time (lax.scan), each under jax.checkpoint:
-  peak memory holds one chunk's logits [B, chunk_len, V] in both passes.
+  The chunks go through the head one at a time (lax.scan), each under jax.checkpoint: peak memory holds one
+  chunk's logits in both passes.
   """
-  batch, seq, dim = hidden.shape
+  batch, seq, _ = hidden.shape
   chunk_len = min(chunk_len, seq)
   num_chunks = -(-seq // chunk_len)
   pad = num_chunks * chunk_len - seq
@@ -69,17 +69,29 @@ def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array,
     return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
 
   @jax.checkpoint
-  def chunk_ce(h, y, m):
-    logits = model.head(h)  # float32 [B, chunk, V]
-    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
+  def chunk_stats(h, y, m):
+    return stats(model.head(h), y, m)
 
   def body(total, xs):
-    return total + chunk_ce(*xs), None
+    return jax.tree.map(jnp.add, total, chunk_stats(*xs)), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (chunks(hidden), chunks(targets), chunks(mask.astype(jnp.float32))))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      chunk_stats, *(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (chunks(hidden), chunks(targets),
+                                                                          chunks(mask)))))
+  total, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(mask.astype(jnp.float32))))
   return total
+
+
+def _cross_entropy(logits, targets, mask):
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mask)
+
+
+def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                      chunk_len: int) -> jax.Array:
+  """sum over tokens of mask * CE(g(hidden), targets), float32, for hidden [B, T, D], targets/mask [B, T],
+  computed chunk by chunk (logits never exist for the whole sequence)."""
+  return _sum_over_chunks(model, hidden, targets, mask.astype(jnp.float32), chunk_len, _cross_entropy)
 
 
 def _exit_token_subset(cfg: ObjectiveConfig, seq: int, step, microbatch, layer) -> jax.Array | None:
@@ -146,3 +158,25 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
     exit_ce = exit_ce.at[chosen].set(jnp.where(chosen_weights > 0, early_ce, jnp.nan))
 
   return loss, {'loss': loss, 'ce_last': ce_last, 'exit_ce': exit_ce, 'tokens': tokens}
+
+
+def exit_cross_entropy_sums(model: Transformer, batch: dict[str, jax.Array], chunk_len: int = 512
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Evaluation at every exit, no dropout: (CE sums float32 [L], correct next-token predictions [L], tokens).
+
+  Index l holds exit E = l + 1, g(x_{l+1}) (interfaces.md); divide by tokens for the mean CE and accuracy.
+  """
+  inputs = batch['inputs']
+  positions = batch.get('positions')
+  positions = default_positions(inputs) if positions is None else positions
+  mask = batch['loss_mask'].astype(jnp.float32)
+  _, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'), collect=True)
+
+  def stats(logits, targets, m):
+    return _cross_entropy(logits, targets, m), jnp.sum((jnp.argmax(logits, axis=-1) == targets) * m)
+
+  def per_exit(_, h):
+    return None, _sum_over_chunks(model, h, batch['targets'], mask, chunk_len, stats)
+
+  _, (ce, correct) = jax.lax.scan(per_exit, None, hidden)
+  return ce, correct, jnp.sum(mask)

@@ -1,0 +1,170 @@
+"""The trainer end to end: exact resume after kill -9 and SIGTERM, faults, meshes, two processes, init_from."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_processes
+
+pytestmark = pytest.mark.slow
+
+SMALL = ['--config.model.hidden_size=64', '--config.model.num_hidden_layers=4', '--config.model.num_attention_heads=4',
+         '--config.model.num_key_value_heads=2', '--config.model.intermediate_size=128', '--config.train.seq_len=64',
+         '--config.train.batch_size=8', '--config.train.steps=16', '--config.checkpoint.every_steps=4',
+         '--config.train.eval_every=8', '--config.train.eval_batches=2', '--config.logging.progress_bar=false',
+         '--config.layerskip.time_schedule=constant', '--config.layerskip.p_max=0.3',
+         '--config.layerskip.rotation_period=2', '--config.train.warmup_steps=4']
+EXACT_KEYS = ('loss', 'ce_last', 'exit_ce', 'grad_norm')
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp('data_cache'))
+
+
+def _cmd(workdir, cache_dir, *extra):
+  return [sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir),
+          f'--config.data.cache_dir={cache_dir}', *SMALL, *extra]
+
+
+def _env(devices=1):
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _run(workdir, cache_dir, *extra, devices=1, check=True):
+  result = subprocess.run(_cmd(workdir, cache_dir, *extra), env=_env(devices), capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _rows(workdir, split=None):
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return [r for r in rows if r.get('split') == split]
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cache_dir):
+  """An uninterrupted 16-step run on one device."""
+  workdir = tmp_path_factory.mktemp('reference')
+  _run(workdir, cache_dir)
+  return workdir
+
+
+def test_uninterrupted_run_writes_a_self_contained_workdir(reference):
+  rows = _rows(reference)
+  assert [r['step'] for r in rows] == list(range(1, 17))
+  assert all(len(r['exit_ce']) == 4 and r['exit_ce'][-1] == r['ce_last'] for r in rows)
+  assert {'learning_rate', 'tokens_per_sec', 'step_time', 'mfu'} <= set(rows[0])
+  assert rows[-1]['ce_last'] < rows[0]['ce_last']
+  evals = _rows(reference, 'heldout')
+  assert [r['step'] for r in evals] == [8, 16] and all(len(r['exit_ppl']) == 4 for r in evals)
+  for name in ('layerskip_config.json', 'tokenizer.model', 'tb'):
+    assert (reference / name).exists()
+  assert sorted(int(p.name) for p in (reference / 'checkpoints').iterdir()) == [8, 12, 16]  # keep=3
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir, reference):
+  proc = subprocess.Popen(_cmd(tmp_path, cache_dir), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, cwd=ROOT)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 11:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert len(_rows(tmp_path)) < 16  # really interrupted
+  _run(tmp_path, cache_dir)
+  got, want = _rows(tmp_path), _rows(reference)
+  assert [r['step'] for r in got] == list(range(1, 17))
+  for a, b in zip(got, want):
+    assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}, a['step']
+
+
+def test_sigterm_checkpoints_and_exits_0(tmp_path, cache_dir, reference):
+  proc = subprocess.Popen(_cmd(tmp_path, cache_dir, '--config.checkpoint.every_steps=100'), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  metrics = tmp_path / 'metrics.jsonl'
+  while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  stopped = _rows(tmp_path)[-1]['step']
+  assert 'preempted at step' in out and (tmp_path / 'checkpoints' / str(stopped)).is_dir()
+  _run(tmp_path, cache_dir, '--config.checkpoint.every_steps=100')
+  for a, b in zip(_rows(tmp_path), _rows(reference)):
+    assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}, a['step']
+
+
+def test_eight_devices_match_one_and_resume_on_another_mesh(tmp_path, cache_dir, reference):
+  _run(tmp_path, cache_dir, '--config.train.steps=16', '--config.mesh.fsdp=4', '--config.mesh.tensor=2', devices=8,
+       check=True)
+  for a, b in zip(_rows(tmp_path), _rows(reference)):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
+    np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=2e-4)
+  # saved as fsdp=4 x tensor=2 on 8 devices; resumed as fsdp=4 on 4 devices, training 4 more steps
+  result = _run(tmp_path, cache_dir, '--config.train.steps=20', devices=4)
+  assert 'resumed from' in result.stdout and _rows(tmp_path)[-1]['step'] == 20
+
+
+TWO_PROCESS_TRAIN = textwrap.dedent('''
+    import os, sys
+    sys.argv = ['train', '--config', 'tiny', '--workdir', os.environ['LS_WORKDIR'],
+                '--coordinator_address', os.environ['LS_COORDINATOR'],
+                '--num_processes', os.environ['LS_NUM_PROCESSES'], '--process_id', os.environ['LS_PROCESS_ID'],
+                *os.environ['LS_ARGS'].split()]
+    from layerskip_jax import cli
+    from layerskip_jax.train.__main__ import main
+    cli.run(main)
+''')
+
+
+def test_two_processes_match_one_process(tmp_path, cache_dir, reference):
+  run_processes(TWO_PROCESS_TRAIN, 2, devices_per_process=2, extra_env={
+      'LS_WORKDIR': str(tmp_path), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL])})
+  rows = _rows(tmp_path)
+  assert [r['step'] for r in rows] == list(range(1, 17))
+  for a, b in zip(rows, _rows(reference)):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
+
+
+def test_faults_are_clear(tmp_path, cache_dir, reference):
+  bad = _run(tmp_path / 'nan', cache_dir, '--config.train.learning_rate=1e12', '--config.train.grad_clip_norm=0',
+             '--config.train.warmup_steps=0', check=False)
+  assert bad.returncode == 1 and 'non-finite loss' in bad.stderr and 'at step' in bad.stderr
+  assert 'Traceback' not in bad.stderr
+  changed = _run(reference, cache_dir, '--config.model.hidden_size=128', check=False)
+  assert changed.returncode == 2 and 'was started with model.hidden_size=64, not 128' in changed.stderr
+  corrupt = tmp_path / 'corrupt'
+  _run(corrupt, cache_dir, '--config.train.steps=4')
+  for f in (corrupt / 'checkpoints' / '4' / 'state').rglob('*'):
+    if f.is_file() and 'manifest' not in f.name and f.stat().st_size > 1000:
+      f.write_bytes(b'garbage' * 100)
+  before = sorted(str(p) for p in (corrupt / 'checkpoints').rglob('*'))
+  refused = _run(corrupt, cache_dir, '--config.train.steps=8', check=False)
+  assert refused.returncode == 2 and 'cannot be restored' in refused.stderr and 'Traceback' not in refused.stderr
+  assert sorted(str(p) for p in (corrupt / 'checkpoints').rglob('*')) == before  # left untouched
+
+
+def test_init_from_a_converted_checkpoint(tmp_path, cache_dir, reference):
+  """Continual pretraining: weights only from CKPT, fresh optimizer, step 0 (here: a finished run's weights)."""
+  result = _run(tmp_path / 'continued', cache_dir, f'--config.train.init_from={reference}', '--config.train.steps=2')
+  assert 'initialised from' in result.stdout
+  rows = _rows(tmp_path / 'continued')
+  assert [r['step'] for r in rows] == [1, 2] and rows[0]['learning_rate'] == 0.0
+  assert rows[0]['ce_last'] < _rows(reference)[0]['ce_last'] - 0.3  # starts from trained weights
+  mismatch = _run(tmp_path / 'x', cache_dir, f'--config.train.init_from={reference}',
+                  '--config.model.intermediate_size=96', check=False)
+  assert mismatch.returncode == 2 and 'model.intermediate_size=128 differs' in mismatch.stderr
