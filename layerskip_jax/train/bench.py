@@ -1,10 +1,14 @@
-"""What the LayerSkip objective costs: step time against the plain (baseline) step, and compiled memory.
+"""Training speed and memory: tokens/s and MFU of the train step, what the LayerSkip objective costs over the
+plain step, a Hugging Face torch Llama of the same shape trained in the same run, and compiled memory.
 
-    python -m layerskip_jax.train.benchmark_objective --json objective.json            # speed on tiny + memory
-    python -m layerskip_jax.train.benchmark_objective --what memory --memory_config llama_1_5b --memory_seq_len 2048
+    python -m layerskip_jax.train.bench --json train_bench.json     # speed, torch, memory
+    python -m layerskip_jax.train.bench --what memory --memory_config llama_1_5b --memory_seq_len 2048
 
-speed: full train steps (forward, backward, AdamW) of the `--config` model, compiled once per setting, timed after
-warm-up over a multiple of the rotation period; the median step time and its ratio to the baseline.
+peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
+speed: full train steps (forward, backward, AdamW) of the `--config` model (tiny: the 6.3M reference shape, hidden
+256, 8 layers, 4/2 heads, intermediate 688, vocab 1024, batch 8 x 256), compiled once per setting, timed after
+warm-up over a multiple of the rotation period; median step time, tokens/s, MFU, ratio to the plain step.
+torch: transformers' LlamaForCausalLM of the same shape with torch.optim.AdamW (when torch is installed).
 memory: the train step of a larger model is compiled (never run) with the early-exit loss on every exit and on the
 last exit only; `compiled.memory_analysis()` gives the temporary memory of each.
 """
@@ -24,7 +28,7 @@ from layerskip_jax import config as config_lib
 from layerskip_jax.train.step import compiled_train_step
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
-flags.DEFINE_list('what', ['speed', 'memory'], 'speed, memory, or both')
+flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory')
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
 flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory benchmark (compiled, never run)')
 flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory benchmark')
@@ -44,7 +48,52 @@ SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come
 }
 
 
-def speed(config_name: str, steps: int) -> dict:
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+  """float32 matmul FLOP/s of this device, measured (the best of `repeats`)."""
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def torch_reference(config_name: str, steps: int) -> dict | None:
+  """Tokens/s of transformers' Llama (same shape, batch and AdamW) in torch, or None without torch."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None
+  config = config_lib.load(config_name)
+  m, b, t = config.model, config.train.batch_size, config.train.seq_len
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+      tie_word_embeddings=m.tie_word_embeddings))
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  tokens = torch.randint(0, m.vocab_size, (b, t + 1))
+  times = []
+  for i in range(steps + 2):
+    begin = time.perf_counter()
+    loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    if i >= 2:
+      times.append(time.perf_counter() - begin)
+  return {'median_ms': 1e3 * float(np.median(times)), 'tokens_per_sec': b * t / float(np.median(times)),
+          'threads': torch.get_num_threads(), 'torch': torch.__version__}
+
+
+def speed(config_name: str, steps: int, peak: float) -> dict:
+  from layerskip_jax.model import ModelConfig
+  from layerskip_jax.train.metrics import train_flops_per_token
   results = {}
   for name, overrides in SPEED_SETTINGS.items():
     config = config_lib.load(config_name, {f'layerskip.{k}': v for k, v in overrides.items()})
@@ -62,9 +111,10 @@ def speed(config_name: str, steps: int) -> dict:
       jax.block_until_ready(metrics)
       if i >= 2:
         times.append(time.perf_counter() - begin)
+    flops = train_flops_per_token(ModelConfig.from_config(config.model), t) * b * t
     results[name] = {'median_ms': 1e3 * float(np.median(times)), 'mean_ms': 1e3 * float(np.mean(times)),
                      'compile_s': compile_s, 'tokens_per_sec': b * t / float(np.median(times)),
-                     'overrides': overrides}
+                     'mfu': flops / float(np.median(times)) / peak, 'overrides': overrides}
   base = results['baseline']['median_ms']
   for r in results.values():
     r['vs_baseline'] = r['median_ms'] / base
@@ -90,12 +140,27 @@ def memory(config_name: str, seq_len: int, batch: int) -> dict:
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
   report = {'backend': jax.default_backend(), 'devices': jax.device_count()}
+  if 'speed' in f.what or 'torch' in f.what:
+    report['matmul_peak_gflops'] = matmul_peak_flops() / 1e9
+    print(f'measured float32 matmul peak: {report["matmul_peak_gflops"]:.0f} GFLOP/s (the MFU denominator)')
   if 'speed' in f.what:
-    report['speed'] = speed(f.config, f.steps)
-    print(f'step time on {f.config} ({report["backend"]}), median of {f.steps} steps:')
+    report['speed'] = speed(f.config, f.steps, report['matmul_peak_gflops'] * 1e9)
+    print(f'train step on {f.config} ({report["backend"]}), median of {f.steps} steps:')
     for name, r in report['speed']['settings'].items():
       print(f'  {name:32s} {r["median_ms"]:8.1f} ms  {r["vs_baseline"]:5.2f}x baseline  '
+            f'{r["tokens_per_sec"]:8.0f} tok/s  MFU {r["mfu"]:.2f}')
+  if 'torch' in f.what:
+    report['torch'] = torch_reference(f.config, f.steps)
+    if report['torch'] is None:
+      print('torch: not installed (pip install -r requirements-dev.txt)')
+    else:
+      r = report['torch']
+      print(f'  {"transformers (torch " + r["torch"] + ")":32s} {r["median_ms"]:8.1f} ms  {"":15s} '
             f'{r["tokens_per_sec"]:8.0f} tok/s')
+      if 'speed' in report:
+        ours = report['speed']['settings']['baseline']['tokens_per_sec']
+        report['baseline_over_torch'] = ours / r['tokens_per_sec']
+        print(f'  our plain step / torch: {report["baseline_over_torch"]:.2f}x tokens/s')
   if 'memory' in f.what:
     report['memory'] = m = memory(f.memory_config, f.memory_seq_len, f.memory_batch)
     print(f'compiled train-step temporary memory, {f.memory_config}, seq {f.memory_seq_len}, batch '
