@@ -3,6 +3,7 @@
     from layerskip_jax import api
     lm = api.load('runs/tiny')                       # a training workdir or a converted checkpoint
     logits = lm.logits([[1, 15, 27]], exit_layer=4)  # g(x_4): [batch, seq, vocab], float32
+    result = lm.generate(['def parse('], strategy='self_speculative', exit_layer=4, num_speculations=4)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ml_collections import config_dict
 from layerskip_jax import checkpoint_dir
 from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
+from layerskip_jax.inference.generate import GenerateResult, generate
 from layerskip_jax.model import Transformer
 
 
@@ -66,6 +68,15 @@ class LoadedModel:
       raise UsageError(f'input_ids: ids must lie in [0, {vocab}); got {tokens.min()}..{tokens.max()}')
     graphdef, state = nnx.split(self.model)
     return np.asarray(_logits(graphdef, state, jnp.asarray(tokens), jnp.int32(self._exit(exit_layer))))
+
+  def generate(self, prompts, *, strategy: str = 'autoregressive', exit_layer: int | None = None,
+               num_speculations: int = 4, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, **options) -> GenerateResult:
+    """Generates for a list of strings (needs the tokenizer) or of token-id lists (ragged): see
+    layerskip_jax.inference.generate. Returns .tokens, .text (with a tokenizer) and .stats."""
+    return generate(self.model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
+                    num_speculations=num_speculations, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, **options)
 
 
 def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:

@@ -136,3 +136,18 @@ class DecoderLayer(nnx.Module):
     h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask).astype(x.dtype)
     out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
     return constrain(out, ('act_batch', 'act_seq', 'act_embed'))
+
+  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
+             cache_v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The layer on x [B, T, D] at `positions` [B, T] (consecutive per row) against a fixed-size KV cache
+    [B, S, kv_heads, head_dim] whose slot index is the position: writes this block's K/V at its positions, then
+    attends causally by position. Slots past a query's position (stale drafts, padding) are masked, so a
+    roll-back needs no cache update."""
+    attn = self.self_attn
+    q, k, v = attn.project_qkv(self.input_layernorm(x), cos, sin)
+    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
+    cache_k = write(cache_k, k.astype(cache_k.dtype), positions[:, 0])
+    cache_v = write(cache_v, v.astype(cache_v.dtype), positions[:, 0])
+    mask = jnp.arange(cache_k.shape[1])[None, None, None, :] <= positions[:, None, :, None]
+    h = x + attn.output(attn.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)).astype(x.dtype)
+    return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), cache_k, cache_v

@@ -119,6 +119,34 @@ class Transformer(nnx.Module):
     x, hidden = jax.lax.scan(body, x, (state, index, layer_keep, sample_keep), unroll=c.scan_unroll)
     return x, hidden
 
+  def run_layers_cached(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
+                        start: int | jax.Array = 0, stop: int | jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Inference: layers [start, stop) on x [B, T, D] at `positions` [B, T] with the KV cache
+    [L, B, S, kv_heads, head_dim] (see DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
+
+    Each layer's cache slice travels as the scan's input and output; layers outside [start, stop) (traced values
+    allowed: one program for every exit) are skipped with lax.cond and pass their slice through. `ran` tells
+    which layers ran (tests count layer applications with it).
+    """
+    c = self.config
+    stop = c.num_hidden_layers if stop is None else stop
+    graphdef, state = nnx.split(self.layers)
+    cos, sin = rope_tables(positions, c)
+
+    def body(x, xs):
+      layer_state, l, k, v = xs
+      run = (l >= start) & (l < stop)
+
+      def apply(x, k, v):
+        return nnx.merge(graphdef, layer_state).decode(x, cos, sin, positions, k, v)
+      x, k, v = jax.lax.cond(run, apply, lambda x, k, v: (x, k, v), x, k, v)
+      return x, (k, v, run)
+
+    x, (cache_k, cache_v, ran) = jax.lax.scan(
+        body, x, (state, jnp.arange(c.num_hidden_layers), cache_k, cache_v), unroll=c.scan_unroll)
+    return x, cache_k, cache_v, ran
+
   # --- whole model ------------------------------------------------------------------------------------------
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,

@@ -1,0 +1,171 @@
+"""The KVQ cache and the samplers: greedy self-speculative == autoregressive, sampling is exact, EOS, batching."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from layerskip_jax.errors import UsageError
+from layerskip_jax.inference import decode
+from layerskip_jax.inference.cache import init_cache
+from layerskip_jax.inference.generate import generate
+from layerskip_jax.model import ModelConfig, create
+
+CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=256)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return create(CONFIG, seed=0)  # large weights: clear logit margins (the spec's tie rule)
+
+
+def _prompts(batch, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randint(0, 128, rng.randint(3, 12)).tolist() for _ in range(batch)]
+
+
+def test_cached_decoding_equals_a_full_forward(model):
+  tokens = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 20)), jnp.int32)
+  full = model(tokens)
+  cache_k, cache_v = init_cache(CONFIG, 2, 32)
+  positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  x, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens[:, :12]), positions, cache_k, cache_v)
+  np.testing.assert_allclose(model.head(x), full[:, :12], atol=1e-4)
+  for t in range(12, 20):  # then one token at a time, and a split [0, 2) + [2, L) pass
+    pos = jnp.full((2, 1), t)
+    x, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens[:, t:t + 1]), pos, cache_k, cache_v, stop=2)
+    x, cache_k, cache_v, _ = model.run_layers_cached(x, pos, cache_k, cache_v, start=2)
+    np.testing.assert_allclose(model.head(x)[:, 0], full[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+def test_greedy_self_speculative_equals_autoregressive(model, batch):
+  prompts = _prompts(batch, seed=batch)
+  reference = generate(model, prompts, strategy='autoregressive', max_new_tokens=24)
+  assert all(len(t) == 24 for t in reference.tokens)
+  before = decode.decode_loop._cache_size()
+  for exit_layer in range(1, CONFIG.num_hidden_layers):
+    for d in range(1, 9):
+      result = generate(model, prompts, strategy='self_speculative', exit_layer=exit_layer, num_speculations=d,
+                        max_new_tokens=24)
+      assert result.tokens == reference.tokens, (exit_layer, d)
+      s = result.stats
+      assert 0 <= s['accepted'] <= s['drafted'] and s['drafted'] % d == 0
+      # KVQ reuse: every layer processes the same rows (d + 1 per round), so the first E layers never run
+      # again for verification and no accepted token passes any layer twice
+      rows = s['layer_rows']
+      assert len(set(rows)) == 1 and rows[0] == s['drafted'] + s['drafted'] // d
+  assert decode.decode_loop._cache_size() - before <= 1  # E and d are runtime values: one program
+
+
+def test_early_exit_at_the_last_layer_is_autoregressive(model):
+  prompts = _prompts(3)
+  reference = generate(model, prompts, strategy='autoregressive', max_new_tokens=16)
+  assert generate(model, prompts, strategy='early_exit', exit_layer=4, max_new_tokens=16).tokens == reference.tokens
+  early = generate(model, prompts, strategy='early_exit', exit_layer=1, max_new_tokens=16)
+  assert early.tokens != reference.tokens  # exit 1 is another model
+
+
+def test_eos_stops_each_row(model):
+  prompts = _prompts(3, seed=5)
+  reference = generate(model, prompts, strategy='autoregressive', max_new_tokens=20).tokens
+  eos = reference[0][3]
+  for kwargs in (dict(strategy='autoregressive'), dict(strategy='self_speculative', exit_layer=2,
+                                                       num_speculations=5)):
+    result = generate(model, prompts, max_new_tokens=20, eos_ids=[eos, 127], **kwargs)
+    for row, ref in zip(result.tokens, reference):
+      stop = next((i for i, t in enumerate(ref) if t in (eos, 127)), None)
+      assert row == (ref[:stop + 1] if stop is not None else ref)
+    assert result.tokens[0][-1] == eos and len(result.tokens[0]) <= 4
+
+
+def _exact_marginals(model, prompt, steps):
+  """P(token i = v) for i < steps under the full model, by enumerating continuations (tiny vocabulary)."""
+  vocab = model.config.vocab_size
+  paths = {(): 1.0}
+  marginals = []
+  for _ in range(steps):
+    prefixes = list(paths)
+    logits = model(jnp.asarray([prompt + list(p) for p in prefixes]))[:, -1]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    new, marginal = {}, np.zeros(vocab)
+    for prefix, p in zip(prefixes, probs):
+      for v in range(vocab):
+        new[prefix + (v,)] = paths[prefix] * p[v]
+        marginal[v] += paths[prefix] * p[v]
+    paths = new
+    marginals.append(marginal)
+  return marginals
+
+
+def test_self_speculative_sampling_matches_the_full_model():
+  small = ModelConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, initializer_range=0.5, max_position_embeddings=64)
+  model = create(small, seed=3)
+  prompt = [1, 4, 2]
+  draft = np.asarray(jax.nn.softmax(model(jnp.asarray([prompt]), exit_layer=1)[0, -1]))
+  full = np.asarray(jax.nn.softmax(model(jnp.asarray([prompt]))[0, -1]))
+  assert 0.5 * np.abs(draft - full).sum() > 0.15  # the draft distribution clearly differs from the full model's
+  n = 6000
+  result = generate(model, [prompt] * n, strategy='self_speculative', exit_layer=1, num_speculations=3,
+                    max_new_tokens=3, temperature=1.0, seed=11)
+  assert 0.2 < result.stats['acceptance_rate'] < 0.95
+  samples = np.asarray(result.tokens)  # [n, 3]; tokens 2 and 3 come from draft/verify rounds
+  exact = _exact_marginals(model, prompt, 3)
+  critical = 20.5  # chi-square, 5 degrees of freedom, p = 0.001
+  for i in (1, 2):
+    counts = np.bincount(samples[:, i], minlength=6)
+    expected = n * exact[i]
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    assert chi2 < critical, (i, counts, expected)
+
+
+def test_sampling_filters(model):
+  result = generate(model, _prompts(2), strategy='autoregressive', max_new_tokens=8, temperature=0.7, top_k=1)
+  greedy = generate(model, _prompts(2), strategy='autoregressive', max_new_tokens=8)
+  assert result.tokens == greedy.tokens  # top_k=1 is greedy
+  a = generate(model, _prompts(2), strategy='self_speculative', exit_layer=2, max_new_tokens=8, temperature=1.0,
+               top_p=0.9, seed=1)
+  b = generate(model, _prompts(2), strategy='self_speculative', exit_layer=2, max_new_tokens=8, temperature=1.0,
+               top_p=0.9, seed=1)
+  assert a.tokens == b.tokens  # seeded
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(max_new_tokens=250), 'exceeds the model\'s max_position_embeddings=256'),
+    (dict(strategy='self_speculative', exit_layer=4), 'exit_layer=4: must be in 1..3'),
+    (dict(strategy='early_exit', exit_layer=0), 'exit_layer=0: must be in 1..4'),
+    (dict(strategy='self_speculative', exit_layer=2, num_speculations=0), 'num_speculations=0: must be at least 1'),
+    (dict(prompts=[[]]), r'prompts\[0\]: empty'),
+    (dict(prompts=['some text']), 'text needs a tokenizer'),
+    (dict(strategy='beam'), "strategy='beam': must be one of"),
+])
+def test_bad_input(model, kwargs, message):
+  kwargs = {'prompts': _prompts(1), **kwargs}
+  with pytest.raises(UsageError, match=message):
+    generate(model, kwargs.pop('prompts'), **kwargs)
+
+
+def test_generate_command_line(tmp_path):
+  from flax import nnx
+
+  from layerskip_jax import checkpoint_dir, config as config_lib
+  config = config_lib.load('tiny', {'model.num_hidden_layers': 2, 'model.hidden_size': 64,
+                                    'model.num_attention_heads': 4, 'model.intermediate_size': 64})
+  from layerskip_jax.model import ModelConfig as MC
+  params = nnx.to_pure_dict(nnx.state(create(MC.from_config(config.model)), nnx.Param))
+  checkpoint_dir.write_params_dir(tmp_path / 'ckpt', config, params)
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'layerskip_jax.generate', '--ckpt', str(tmp_path / 'ckpt'),
+                                   *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  ok = run('--prompt', '1 5 9', '--strategy', 'self_speculative', '--exit_layer', '1', '--max_new_tokens', '5')
+  assert ok.returncode == 0, ok.stderr
+  assert len(ok.stdout.splitlines()[0].split()) == 5 and 'acceptance' in ok.stdout
+  text = run('--prompt', 'hello world', '--strategy', 'autoregressive')
+  assert text.returncode == 2 and 'has no tokenizer' in text.stderr
+  bad = run('--prompt', '1 2', '--strategy', 'self_speculative', '--exit_layer', '2')
+  assert bad.returncode == 2 and 'exit_layer=2: must be in 1..1' in bad.stderr and 'Traceback' not in bad.stderr
