@@ -139,15 +139,15 @@ class DecoderLayer(nnx.Module):
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
              cache_v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The layer on x [B, T, D] at `positions` [B, T] (consecutive per row) against a fixed-size KV cache
-    [B, S, kv_heads, head_dim] whose slot index is the position: writes this block's K/V at its positions, then
-    attends causally by position. Slots past a query's position (stale drafts, padding) are masked, so a
-    roll-back needs no cache update."""
+    """The layer on x [B, T, D] at `positions` [B, T] (consecutive per row) against this layer's slice of a
+    fixed-size KV cache [B, S, kv_heads, head_dim] whose slot index is the position. Returns (output, the block's
+    new keys, values [B, T, kv_heads, head_dim]) for the caller to store. Attention is causal by position: slots
+    past a query's position (stale drafts, padding) are masked, so a roll-back needs no cache update."""
     attn = self.self_attn
     q, k, v = attn.project_qkv(self.input_layernorm(x), cos, sin)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
     write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
-    cache_k = write(cache_k, k.astype(cache_k.dtype), positions[:, 0])
-    cache_v = write(cache_v, v.astype(cache_v.dtype), positions[:, 0])
+    keys, values = write(cache_k, k, positions[:, 0]), write(cache_v, v, positions[:, 0])
     mask = jnp.arange(cache_k.shape[1])[None, None, None, :] <= positions[:, None, :, None]
-    h = x + attn.output(attn.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)).astype(x.dtype)
-    return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), cache_k, cache_v
+    h = x + attn.output(attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)).astype(x.dtype)
+    return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), k, v
