@@ -61,9 +61,7 @@ def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, 
   num_chunks = -(-seq // chunk_len)
   pad = num_chunks * chunk_len - seq
   if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    hidden, targets, mask = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (hidden, targets, mask))
 
   def chunks(a):
     return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
@@ -160,23 +158,24 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
   return loss, {'loss': loss, 'ce_last': ce_last, 'exit_ce': exit_ce, 'tokens': tokens}
 
 
-def exit_cross_entropy_sums(model: Transformer, batch: dict[str, jax.Array], chunk_len: int = 512
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Evaluation at every exit, no dropout: (CE sums float32 [L], correct next-token predictions [L], tokens).
-
-  Index l holds exit E = l + 1, g(x_{l+1}) (interfaces.md); divide by tokens for the mean CE and accuracy.
-  """
+def exit_statistics(model: Transformer, batch: dict[str, jax.Array], chunk_len: int = 512) -> dict[str, jax.Array]:
+  """Evaluation at every exit, no dropout. Sums over the batch's target tokens, each float32 [L] (index l holds exit
+  E = l + 1, g(x_{l+1}); interfaces.md): `ce` (cross-entropy), `correct` (top-1 equals the target), `agree_final`
+  (top-1 equals the last exit's top-1: greedy agreement); and `tokens`. Divide by tokens for means."""
   inputs = batch['inputs']
   positions = batch.get('positions')
   positions = default_positions(inputs) if positions is None else positions
   mask = batch['loss_mask'].astype(jnp.float32)
-  _, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'), collect=True)
-
-  def stats(logits, targets, m):
-    return _cross_entropy(logits, targets, m), jnp.sum((jnp.argmax(logits, axis=-1) == targets) * m)
+  x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'), collect=True)
+  final = jnp.argmax(model.head(x_last), axis=-1)
 
   def per_exit(_, h):
-    return None, _sum_over_chunks(model, h, batch['targets'], mask, chunk_len, stats)
+    def stats(logits, targets_and_final, m):
+      targets, final_top1 = targets_and_final[..., 0], targets_and_final[..., 1]
+      top1 = jnp.argmax(logits, axis=-1)
+      return (_cross_entropy(logits, targets, m), jnp.sum((top1 == targets) * m),
+              jnp.sum((top1 == final_top1) * m))
+    return None, _sum_over_chunks(model, h, jnp.stack([batch['targets'], final], axis=-1), mask, chunk_len, stats)
 
-  _, (ce, correct) = jax.lax.scan(per_exit, None, hidden)
-  return ce, correct, jnp.sum(mask)
+  _, (ce, correct, agree) = jax.lax.scan(per_exit, None, hidden)
+  return {'ce': ce, 'correct': correct, 'agree_final': agree, 'tokens': jnp.sum(mask)}

@@ -33,7 +33,7 @@ from layerskip_jax.data.cache import ensure_prepared
 from layerskip_jax.errors import UsageError
 from layerskip_jax.model import ModelConfig, abstract, create
 from layerskip_jax.objective import ObjectiveConfig
-from layerskip_jax.objective.loss import exit_cross_entropy_sums
+from layerskip_jax.objective.loss import exit_statistics
 from layerskip_jax.train.checkpointing import Checkpointer
 from layerskip_jax.train.metrics import MetricsWriter, train_flops_per_token
 from layerskip_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -189,8 +189,8 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         print(f'compiled train step in {time.perf_counter() - begin:.1f}s; per device: parameters+optimizer '
               f'{_format_bytes(memory.argument_size_in_bytes)}, temporaries {_format_bytes(memory.temp_size_in_bytes)}')
 
-    eval_fn = jax.jit(lambda params, batch: exit_cross_entropy_sums(nnx.merge(graphdef, params), batch,
-                                                                    objective.ce_chunk_len),
+    eval_fn = jax.jit(lambda params, batch: exit_statistics(nnx.merge(graphdef, params), batch,
+                                                            objective.ce_chunk_len),
                       in_shardings=(state_sh['params'], {k: batch_sh for k in BATCH_KEYS}))
 
   metrics_writer = MetricsWriter(workdir, config.logging, resume_step=start, enabled=is_main,
@@ -212,11 +212,7 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
       totals = out if totals is None else jax.tree.map(np.add, totals, out)
     if totals is None:
       return None
-    ce_sum, correct, tokens = totals
-    exit_ce = ce_sum / max(float(tokens), 1.0)
-    return metrics_writer.write({'split': 'heldout', 'step': step, 'exit_ce': exit_ce,
-                                 'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
-                                 'exit_accuracy': correct / max(float(tokens), 1.0), 'tokens': float(tokens)})
+    return metrics_writer.write({'split': 'heldout', 'step': step, **summarize_exits(totals)})
 
   def save(step: int) -> None:
     checkpointer.save(step, state, iterator, {'step': step, 'versions': {
@@ -276,6 +272,15 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
   if is_main:
     print(f'{status} at step {step}; checkpoint {checkpointer.directory / str(step)}')
   return {'step': step, 'status': status, 'last_row': last_row}
+
+
+def summarize_exits(totals: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Per-exit means (lists of length L) from summed exit_statistics."""
+  tokens = max(float(totals['tokens']), 1.0)
+  exit_ce = np.asarray(totals['ce']) / tokens
+  return {'exit_ce': exit_ce, 'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
+          'exit_accuracy': np.asarray(totals['correct']) / tokens,
+          'exit_agreement': np.asarray(totals['agree_final']) / tokens, 'tokens': float(totals['tokens'])}
 
 
 def _eval_line(row: dict) -> str:
