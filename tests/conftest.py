@@ -26,12 +26,27 @@ def small_model():
   return create(SMALL, seed=0)
 
 
+def host_devices_env(devices: int = 1) -> dict:
+  """Environment for a subprocess that sees `devices` CPU devices and imports this checkout."""
+  import os
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_on_host_devices(script: str, devices: int = 8, timeout: int = 600) -> str:
+  """Runs `script` in a subprocess with `devices` CPU devices; returns its stdout, failing with its stderr."""
+  import subprocess
+  result = subprocess.run([sys.executable, '-c', script], env=host_devices_env(devices), capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
 def run_processes(script: str, num_processes: int = 2, devices_per_process: int = 2, timeout: int = 600,
                   extra_env: dict | None = None) -> list[str]:
   """Runs `script` in `num_processes` local processes joined by jax.distributed on 127.0.0.1 (each with
   `devices_per_process` CPU devices; the script reads LS_COORDINATOR, LS_NUM_PROCESSES, LS_PROCESS_ID). Returns
   each process's stdout; fails with their stderr if any exits non-zero."""
-  import os
   import socket
   import subprocess
   with socket.socket() as s:
@@ -39,10 +54,8 @@ def run_processes(script: str, num_processes: int = 2, devices_per_process: int 
     port = s.getsockname()[1]
   procs = []
   for pid in range(num_processes):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
-               LS_COORDINATOR=f'127.0.0.1:{port}', LS_NUM_PROCESSES=str(num_processes), LS_PROCESS_ID=str(pid),
-               **(extra_env or {}))
+    env = dict(host_devices_env(devices_per_process), LS_COORDINATOR=f'127.0.0.1:{port}',
+               LS_NUM_PROCESSES=str(num_processes), LS_PROCESS_ID=str(pid), **(extra_env or {}))
     procs.append(subprocess.Popen([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, cwd=ROOT))
   outputs = []

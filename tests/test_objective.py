@@ -1,11 +1,8 @@
 """The LayerSkip objective: schedules against the spec's formulas, curricula, masks, the early-exit loss."""
 
 import math
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+
+from conftest import run_on_host_devices
 
 from layerskip_jax import objective
 from layerskip_jax.model import create
@@ -147,12 +146,7 @@ MASKS_ON_8_DEVICES = textwrap.dedent('''
 
 
 def test_masks_on_8_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=str(ROOT))
-  result = subprocess.run([sys.executable, '-c', MASKS_ON_8_DEVICES], env=env, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  bits = result.stdout.split('MASKS ')[1].strip()
+  bits = run_on_host_devices(MASKS_ON_8_DEVICES).split('MASKS ')[1].strip()
   sharded = np.array([c == '1' for c in bits]).reshape(8, 64)
   single = objective.keep_masks(8, 64, 42, 3, seed=7, p_max=0.5, total_steps=1000)[1]
   np.testing.assert_array_equal(sharded, np.asarray(single))

@@ -1,7 +1,6 @@
 """The trainer end to end: exact resume after kill -9 and SIGTERM, faults, meshes, two processes, init_from."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_processes
+from conftest import ROOT, host_devices_env, run_processes
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +33,7 @@ def _cmd(workdir, cache_dir, *extra):
           f'--config.data.cache_dir={cache_dir}', *SMALL, *extra]
 
 
-def _env(devices=1):
-  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+_env = host_devices_env
 
 
 def _run(workdir, cache_dir, *extra, devices=1, check=True):

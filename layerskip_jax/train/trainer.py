@@ -88,7 +88,7 @@ def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path)
                        f'{config[section][key]!r}; resume with the same config or use a new workdir')
 
 
-def _state_shardings(graphdef, abstract_params_state, tx, mesh):
+def _state_shardings(abstract_params_state, tx, mesh):
   """Shardings of {'params', 'opt_state'}: parameters by the logical-axis rules, optimizer moments like their
   parameters (read off the compiled tx.init), scalars replicated."""
   param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_params_state, mesh))
@@ -141,7 +141,7 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
   model_config = ModelConfig.from_config(config.model)
   graphdef, abstract_params_state = nnx.split(abstract(model_config))
   tx = make_optimizer(t, abstract_params_state)
-  state_sh = _state_shardings(graphdef, abstract_params_state, tx, mesh)
+  state_sh = _state_shardings(abstract_params_state, tx, mesh)
   abstract_params = nnx.to_pure_dict(abstract_params_state)
   abstract_state = _abstract_with({'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params)},
                                   state_sh)
