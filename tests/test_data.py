@@ -122,6 +122,28 @@ def test_packing_keeps_documents_apart_and_loses_no_token(shards):
   assert set(np.cumsum([len(d) - 1 for d in docs]).tolist()) <= piece_ends
 
 
+def test_chunks_cover_every_pair_once_and_shuffling_mixes_documents(shards):
+  manifest = prepare_lib.read_manifest(shards)
+  files = [str(shards / s['file']) for s in manifest['shards']]
+  from array_record.python.array_record_module import ArrayRecordReader
+  docs = [prepare_lib.decode_record(r)[0] for f in files for r in ArrayRecordReader(f).read_all()]
+  sidecar = np.concatenate([np.load(prepare_lib.lengths_file(f)) for f in files])
+  np.testing.assert_array_equal(sidecar, [len(d) for d in docs])  # prepare wrote each record's length
+  seq_len = 64
+  source = loader.ChunkSource(files, seq_len)
+  assert len(source) == sum(-(-(len(d) - 1) // seq_len) for d in docs)
+  chunks = [source[i] for i in range(len(source))]
+  assert max(len(c['inputs']) for c in chunks) == seq_len
+  np.testing.assert_array_equal(np.concatenate([c['targets'] for c in chunks]), np.concatenate([d[1:] for d in docs]))
+  # Shuffled, a batch mixes chunks of many documents: consecutive rows no longer walk through one long file.
+  doc_of_chunk = np.repeat(np.arange(len(docs)), [-(-(len(d) - 1) // seq_len) for d in docs])
+  assert np.bincount(doc_of_chunk).max() >= 8  # the corpus has long documents (else this shows nothing)
+  first_targets = next(iter(loader.dataset(shards, seq_len, 8, seed=0)))['targets']
+  starts = {tuple(c['targets'][:8]): doc_of_chunk[i] for i, c in enumerate(chunks)}
+  row_docs = {starts.get(tuple(row[:8])) for row in first_targets} - {None}
+  assert len(row_docs) >= 6
+
+
 def test_fine_tuning_masks_cover_exactly_the_completions(tmp_path, tok_path):
   records = [{'prompt': f'# task {i}\ndef f{i}(', 'completion': f'x):\n    return x * {i}\n'} for i in range(60)]
   path = tmp_path / 'ft.jsonl'

@@ -4,8 +4,10 @@
 
 Each record is one document: int32 [prompt_length, id_0, id_1, ...] where the ids run from BOS to EOS and
 prompt_length is the number of leading ids that are a fine-tuning prompt (0 for pretraining text). The manifest
-(DIR/manifest.json) records documents, tokens, the tokenizer's sha256 and the source; a second run with the same
-inputs changes nothing, and shards made with another tokenizer or source are never appended to.
+(DIR/manifest.json) records documents, tokens, the tokenizer's sha256 and the source; beside each shard,
+`<shard>.lengths.npy` holds its records' token counts (the loader cuts documents into chunks without reading them).
+A second run with the same inputs changes nothing, and shards made with another tokenizer or source are never
+appended to.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ def _encode_in_worker(doc: Document) -> bytes:
   return encode_document(_worker_tokenizer, doc).tobytes()
 
 
+def lengths_file(shard_file: str | pathlib.Path) -> pathlib.Path:
+  """The sidecar of a shard: int64 token counts of its records, in order."""
+  return pathlib.Path(f'{shard_file}.lengths.npy')
+
+
+def _close_shard(directory: pathlib.Path, shard: dict, lengths: list[int]) -> None:
+  np.save(lengths_file(directory / shard['file']), np.asarray(lengths, np.int64))
+  shard.update(documents=len(lengths), tokens=int(sum(lengths)))
+
+
 def read_manifest(directory: str | pathlib.Path) -> dict | None:
   path = pathlib.Path(directory) / MANIFEST
   if not path.is_file():
@@ -98,7 +110,7 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   workers = workers or os.cpu_count() or 1
-  shards, documents, tokens, shard_docs, shard_tokens_now, writer = [], 0, 0, 0, 0, None
+  shards, documents, tokens, shard_tokens_now, writer, lengths = [], 0, 0, 0, None, []
   try:
     records: Iterator[bytes]
     pool = None
@@ -115,17 +127,18 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
         shards.append({'file': name})
       writer.write(record)
       n = len(record) // 4 - 1
-      documents, tokens, shard_docs, shard_tokens_now = documents + 1, tokens + n, shard_docs + 1, shard_tokens_now + n
+      lengths.append(n)
+      documents, tokens, shard_tokens_now = documents + 1, tokens + n, shard_tokens_now + n
       if shard_tokens_now >= shard_tokens:
         writer.close()
-        shards[-1].update(documents=shard_docs, tokens=shard_tokens_now)
-        writer, shard_docs, shard_tokens_now = None, 0, 0
+        _close_shard(tmp, shards[-1], lengths)
+        writer, shard_tokens_now, lengths = None, 0, []
     if pool is not None:
       pool.close()
       pool.join()
     if writer is not None:
       writer.close()
-      shards[-1].update(documents=shard_docs, tokens=shard_tokens_now)
+      _close_shard(tmp, shards[-1], lengths)
     if documents == 0:
       raise UsageError(f'--source={source_spec}: no readable documents ({len(source.skipped)} files skipped)')
     manifest = {'format': FORMAT, 'source': source.description, 'tokenizer_sha256': checksum,
