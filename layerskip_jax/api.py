@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from layerskip_jax import checkpoint_dir
 from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
-from layerskip_jax.inference.generate import GenerateResult, generate
+from layerskip_jax.inference.generate import GenerateResult, generate, uses_unstacked_layers
 from layerskip_jax.model import Transformer
 
 
@@ -37,6 +37,7 @@ class LoadedModel:
   model: Transformer
   tokenizer: tokenizer_lib.Tokenizer | None
   checkpoint: checkpoint_dir.CheckpointDir
+  _layer_params: tuple | None = dataclasses.field(default=None, repr=False)  # decode layout on a CPU (generate)
 
   @property
   def num_layers(self) -> int:
@@ -74,9 +75,11 @@ class LoadedModel:
                top_p: float = 1.0, seed: int = 0, **options) -> GenerateResult:
     """Generates for a list of strings (needs the tokenizer) or of token-id lists (ragged): see
     layerskip_jax.inference.generate. Returns .tokens, .text (with a tokenizer) and .stats."""
+    if self._layer_params is None and uses_unstacked_layers():
+      self._layer_params = self.model.unstacked_layers()  # made once (a copy of the layer weights)
     return generate(self.model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
                     num_speculations=num_speculations, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, seed=seed, **options)
+                    top_k=top_k, top_p=top_p, seed=seed, layer_params=self._layer_params, **options)
 
 
 def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:

@@ -90,7 +90,7 @@ def resolve(path: str | pathlib.Path) -> CheckpointDir:
     step = available[-1]
   elif step not in available:
     raise UsageError(f'--ckpt={path}: step {step} is not a finished checkpoint; available steps: {available}')
-  return CheckpointDir(root=root, step=step)
+  return CheckpointDir(root=root.absolute(), step=step)  # absolute: Orbax refuses relative paths
 
 
 @contextlib.contextmanager

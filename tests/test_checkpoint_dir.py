@@ -26,6 +26,13 @@ def test_resolves_latest_and_explicit_steps(tmp_path):
   assert checkpoint_dir.resolve(root).tokenizer_path == root / 'tokenizer.json'
 
 
+def test_relative_paths_resolve_to_absolute_ones(tmp_path, monkeypatch):
+  root = _workdir(tmp_path / 'run')
+  monkeypatch.chdir(tmp_path)
+  resolved = checkpoint_dir.resolve('run')  # Orbax refuses relative paths: the resolver hands out absolute ones
+  assert resolved.root == root and resolved.root.is_absolute()
+
+
 def test_errors(tmp_path):
   with pytest.raises(UsageError, match='no such directory'):
     checkpoint_dir.resolve(tmp_path / 'missing')

@@ -61,6 +61,10 @@ def test_greedy_self_speculative_equals_autoregressive(model, batch):
       rows = s['layer_rows']
       assert len(set(rows)) == 1 and rows[0] == s['drafted'] + s['drafted'] // d
   assert decode.decode_loop._cache_size() - before <= 1  # E and d are runtime values: one program
+  # The same on the stacked-weights program (the GPU/TPU default; on a CPU the layers are stored unstacked).
+  for strategy, options in [('autoregressive', {}), ('self_speculative', dict(exit_layer=2, num_speculations=3))]:
+    stacked = generate(model, prompts, strategy=strategy, max_new_tokens=24, unstack_layers=False, **options)
+    assert stacked.tokens == reference.tokens, strategy
 
 
 def test_early_exit_at_the_last_layer_is_autoregressive(model):

@@ -66,24 +66,26 @@ def _emit(state: DecodeState, tokens: jax.Array, counts: jax.Array, eos_ids: tup
   return out, n_out, done
 
 
-def _prefill(model: Transformer, tokens, lengths, cache_k, cache_v, exit_layer):
+def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v, exit_layer):
   """All layers over the (right-padded) prompts; returns the logits of exit E and of the last exit at each row's
   last prompt position, and the filled cache."""
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   x_e, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens), positions, cache_k, cache_v,
-                                                     stop=exit_layer)
-  x_l, cache_k, cache_v, _ = model.run_layers_cached(x_e, positions, cache_k, cache_v, start=exit_layer)
+                                                     stop=exit_layer, layer_params=layer_params)
+  x_l, cache_k, cache_v, _ = model.run_layers_cached(x_e, positions, cache_k, cache_v, start=exit_layer,
+                                                     layer_params=layer_params)
   last = (lengths - 1)[:, None, None]
   pick = lambda x: jnp.take_along_axis(x, last, axis=1)[:, 0]
   return model.head(pick(x_e)), model.head(pick(x_l)), cache_k, cache_v
 
 
-def _one_token_step(model, state: DecodeState, exit_layer, greedy, sampling, eos_ids, max_new):
+def _one_token_step(model, layer_params, state: DecodeState, exit_layer, greedy, sampling, eos_ids, max_new):
   """Autoregressive (exit_layer = L) or early-exit decoding of one token per row."""
   active = ~state.done
   x, cache_k, cache_v, ran = model.run_layers_cached(model.embed(state.y0[:, None]), state.pos[:, None],
-                                                     state.cache_k, state.cache_v, stop=exit_layer)
+                                                     state.cache_k, state.cache_v, stop=exit_layer,
+                                                     layer_params=layer_params)
   key, sub = jax.random.split(state.key)
   token, _ = _choose(sub, model.head(x[:, 0]), greedy, sampling)
   out, n_out, done = _emit(state, token[:, None], jnp.ones_like(state.n_out), eos_ids, max_new)
@@ -92,8 +94,8 @@ def _one_token_step(model, state: DecodeState, exit_layer, greedy, sampling, eos
                         layer_rows=state.layer_rows + ran * jnp.sum(active))
 
 
-def _speculative_round(model, state: DecodeState, exit_layer, num_speculations, d_max, greedy, sampling, eos_ids,
-                       max_new):
+def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_speculations, d_max, greedy,
+                       sampling, eos_ids, max_new):
   """One round: draft d tokens with layers [0, E), run y_d through them too, verify the d + 1 positions with
   layers [E, L) from the saved x_E, accept, emit, roll back (spec section 2.2)."""
   batch = state.y0.shape[0]
@@ -105,7 +107,8 @@ def _speculative_round(model, state: DecodeState, exit_layer, num_speculations, 
   def through_early_layers(carry, token, offset):
     cache_k, cache_v, xq, rows = carry
     x, cache_k, cache_v, ran = model.run_layers_cached(model.embed(token[:, None]), (state.pos + offset)[:, None],
-                                                       cache_k, cache_v, stop=exit_layer)
+                                                       cache_k, cache_v, stop=exit_layer,
+                                                       layer_params=layer_params)
     xq = jax.lax.dynamic_update_slice_in_dim(xq, x, offset, axis=1)  # save x_E (the "Q" of the KVQ cache)
     return (cache_k, cache_v, xq, rows + ran * n_active), x[:, 0]
 
@@ -128,7 +131,8 @@ def _speculative_round(model, state: DecodeState, exit_layer, num_speculations, 
   (cache_k, cache_v, xq, rows), _ = through_early_layers(inner, y_d, d)  # y_d: x_E known for p..p+d
 
   verify_pos = state.pos[:, None] + jnp.arange(d_max + 1)
-  x_l, cache_k, cache_v, ran = model.run_layers_cached(xq, verify_pos, cache_k, cache_v, start=exit_layer)
+  x_l, cache_k, cache_v, ran = model.run_layers_cached(xq, verify_pos, cache_k, cache_v, start=exit_layer,
+                                                       layer_params=layer_params)
   rows = rows + ran * n_active * (d + 1)  # meaningful rows; the block is static (d_max + 1)
   logits = model.head(x_l)  # row j judges draft j+1; row a gives the correction or the bonus token
 
@@ -167,8 +171,8 @@ def _speculative_round(model, state: DecodeState, exit_layer, num_speculations, 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'cache_len', 'greedy',
                                              'eos_ids'))
-def prefill(graphdef, params, tokens, lengths, exit_layer, sampling: Sampling, key, *, strategy: str, max_new: int,
-            d_max: int, cache_len: int, greedy: bool, eos_ids: tuple[int, ...]) -> DecodeState:
+def prefill(graphdef, params, layer_params, tokens, lengths, exit_layer, sampling: Sampling, key, *, strategy: str,
+            max_new: int, d_max: int, cache_len: int, greedy: bool, eos_ids: tuple[int, ...]) -> DecodeState:
   """Runs the right-padded prompts tokens [B, P] (lengths [B]) through every layer into a fresh cache and emits
   the first token (from exit E for early_exit, else from the last exit)."""
   model = nnx.merge(graphdef, params)
@@ -176,7 +180,7 @@ def prefill(graphdef, params, tokens, lengths, exit_layer, sampling: Sampling, k
   batch = tokens.shape[0]
   cache_k, cache_v = init_cache(model.config, batch, cache_len)
   exit_layer = jnp.asarray(exit_layer, jnp.int32) if strategy != 'autoregressive' else jnp.int32(num_layers)
-  logits_e, logits_l, cache_k, cache_v = _prefill(model, tokens, lengths, cache_k, cache_v, exit_layer)
+  logits_e, logits_l, cache_k, cache_v = _prefill(model, layer_params, tokens, lengths, cache_k, cache_v, exit_layer)
   key, sub = jax.random.split(key)
   first, _ = _choose(sub, logits_e if strategy == 'early_exit' else logits_l, greedy, sampling)
   state = DecodeState(cache_k=cache_k, cache_v=cache_v, y0=first, pos=lengths.astype(jnp.int32),
@@ -188,16 +192,17 @@ def prefill(graphdef, params, tokens, lengths, exit_layer, sampling: Sampling, k
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'greedy', 'eos_ids'),
-                   donate_argnums=(2,))
-def decode_loop(graphdef, params, state: DecodeState, exit_layer, num_speculations, sampling: Sampling, *,
+                   donate_argnums=(3,))
+def decode_loop(graphdef, params, layer_params, state: DecodeState, exit_layer, num_speculations,
+                sampling: Sampling, *,
                 strategy: str, max_new: int, d_max: int, greedy: bool, eos_ids: tuple[int, ...]) -> DecodeState:
   """Generates until every row is done, in one lax.while_loop (no per-token dispatch or host transfer)."""
   model = nnx.merge(graphdef, params)
   exit_layer = jnp.asarray(exit_layer, jnp.int32)
   if strategy == 'self_speculative':
-    step = lambda s: _speculative_round(model, s, exit_layer, jnp.asarray(num_speculations, jnp.int32), d_max,
-                                        greedy, sampling, eos_ids, max_new)
+    step = lambda s: _speculative_round(model, layer_params, s, exit_layer, jnp.asarray(num_speculations, jnp.int32),
+                                        d_max, greedy, sampling, eos_ids, max_new)
   else:
     step_exit = exit_layer if strategy == 'early_exit' else jnp.int32(model.config.num_hidden_layers)
-    step = lambda s: _one_token_step(model, s, step_exit, greedy, sampling, eos_ids, max_new)
+    step = lambda s: _one_token_step(model, layer_params, s, step_exit, greedy, sampling, eos_ids, max_new)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)

@@ -48,12 +48,22 @@ def encode_prompts(prompts: Sequence, tokenizer: Tokenizer | None) -> list[list[
   return rows
 
 
+def uses_unstacked_layers() -> bool:
+  """Whether decoding runs on separately stored layer weights: on a CPU, where slicing stacked weights copies them."""
+  return jax.default_backend() == 'cpu'
+
+
 def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | None = None,
              strategy: str = 'autoregressive', exit_layer: int | None = None, num_speculations: int = 4,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, max_speculations: int = DEFAULT_MAX_SPECULATIONS
-             ) -> GenerateResult:
-  """Batched generation (ragged prompts allowed) with one of STRATEGIES; see layerskip_jax/inference/decode.py."""
+             eos_ids: Sequence[int] | None = None, max_speculations: int = DEFAULT_MAX_SPECULATIONS,
+             unstack_layers: bool | None = None, layer_params: tuple | None = None) -> GenerateResult:
+  """Batched generation (ragged prompts allowed) with one of STRATEGIES; see layerskip_jax/inference/decode.py.
+
+  unstack_layers: run the decode program on separately stored layer weights (see
+  Transformer.run_layers_cached); None = on a CPU backend only. layer_params: `model.unstacked_layers()` made
+  once, to reuse across calls (made here when needed and not given).
+  """
   config = model.config
   num_layers = config.num_hidden_layers
   if strategy not in STRATEGIES:
@@ -85,15 +95,21 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   greedy = temperature == 0
   sampling = Sampling(jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p))
   graphdef, params = nnx.split(model)
+  if unstack_layers is None:
+    unstack_layers = uses_unstacked_layers()
+  if not unstack_layers:
+    layer_params = None
+  elif layer_params is None:
+    layer_params = model.unstacked_layers()
   static = dict(strategy=strategy, max_new=max_new_tokens, d_max=d_max, greedy=greedy, eos_ids=tuple(eos_ids))
 
   begin = time.perf_counter()
-  state = prefill(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), exit_layer, sampling,
+  state = prefill(graphdef, params, layer_params, jnp.asarray(tokens), jnp.asarray(lengths), exit_layer, sampling,
                   jax.random.key(seed), cache_len=cache_len, **static)
   jax.block_until_ready(state.n_out)
   prefill_seconds = time.perf_counter() - begin
   begin = time.perf_counter()
-  state = decode_loop(graphdef, params, state, exit_layer, num_speculations, sampling, **static)
+  state = decode_loop(graphdef, params, layer_params, state, exit_layer, num_speculations, sampling, **static)
   out, n_out, drafted, accepted, layer_rows = jax.device_get(
       (state.out, state.n_out, state.drafted, state.accepted, state.layer_rows))
   decode_seconds = time.perf_counter() - begin
