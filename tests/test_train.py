@@ -156,8 +156,11 @@ def test_faults_are_clear(tmp_path, cache_dir, reference):
 
 
 def test_init_from_a_converted_checkpoint(tmp_path, cache_dir, reference):
-  """Continual pretraining: weights only from CKPT, fresh optimizer, step 0 (here: a finished run's weights)."""
-  result = _run(tmp_path / 'continued', cache_dir, f'--config.train.init_from={reference}', '--config.train.steps=2')
+  """Continual pretraining: weights only from CKPT, fresh optimizer, step 0 (here: a finished run's weights), in
+  other numerics than the checkpoint's (weights cast to bfloat16, another remat policy): only the architecture must
+  match, as for a converted Llama (saved with head_dim resolved and its own dtypes) continued with a preset."""
+  result = _run(tmp_path / 'continued', cache_dir, f'--config.train.init_from={reference}', '--config.train.steps=2',
+                '--config.model.param_dtype=bfloat16', '--config.model.remat_policy=none')
   assert 'initialised from' in result.stdout
   rows = _rows(tmp_path / 'continued')
   assert [r['step'] for r in rows] == [1, 2] and rows[0]['learning_rate'] == 0.0

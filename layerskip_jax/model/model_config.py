@@ -17,6 +17,11 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
 
+# Fields that change how the model computes or is initialised, not which function it computes: a checkpoint may be
+# loaded into a config that differs in these (continual pretraining casts the weights to param_dtype).
+NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'attention_impl', 'scan_unroll', 'initializer_range')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Field names are Hugging Face Llama's; see configs/base.py for what each means."""
@@ -49,6 +54,10 @@ class ModelConfig:
   def from_config(cls, model: config_dict.ConfigDict) -> 'ModelConfig':
     """From a validated config's `model` section (layerskip_jax.config.load validates)."""
     return cls(**model.to_dict())
+
+  def architecture(self) -> dict:
+    """The fields that define the function (all but NUMERICS_FIELDS), head_dim resolved."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in NUMERICS_FIELDS}
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)

@@ -158,11 +158,13 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
       start = 0
       if init_ckpt is not None:
         init_config, params, _ = checkpoint_dir.restore_params(init_ckpt.step_dir, mesh)
-        if init_config.model != config.model:
-          differing = next(k for k in config.model.keys() if init_config.model[k] != config.model[k])
-          raise UsageError(f'train.init_from={t.init_from}: its model.{differing}='
-                           f'{init_config.model[differing]!r} differs from this config\'s '
-                           f'{config.model[differing]!r}; use --config.model.{differing}=... or its preset')
+        theirs, ours = ModelConfig.from_config(init_config.model).architecture(), model_config.architecture()
+        differing = next((k for k in ours if theirs[k] != ours[k]), None)
+        if differing is not None:  # numerics (dtype, param_dtype, remat_policy, ...) may differ: weights are cast
+          raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
+                           f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
+        params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(model_config.weight_dtype), p),
+                         out_shardings=state_sh['params'])(params)
         message = f'initialised from {init_ckpt.step_dir} (weights only, fresh optimizer)'
       else:
         params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(model_config, t.seed), nnx.Param)),
