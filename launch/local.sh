@@ -18,8 +18,8 @@ exit, benchmarks autoregressive vs self-speculative decoding, and prints the per
 A finished run is not trained again: the trainer resumes from WORKDIR (delete it to start over).
 
 Options:
-  --workdir DIR     run directory (default: runs/local, or runs/local_smoke with --smoke); the baseline goes to
-                    DIR_baseline
+  --workdir DIR     run directory (default: runs/tiny, or runs/tiny_smoke with --smoke); the baseline goes to
+                    DIR_baseline (the notebooks find runs/tiny and runs/tiny_baseline)
   --smoke           a few steps and a small benchmark: checks the whole path in a minute or two
   --with-baseline   also train the baseline (p_max=0, e_scale=0, same steps) and compare the two
   --venv DIR        virtual environment to create and use (default: .venv)
@@ -69,8 +69,8 @@ run() {
 
 cd "$here"
 if [[ -z "$workdir" ]]; then
-  workdir="runs/local"
-  if [[ $smoke -eq 1 ]]; then workdir="runs/local_smoke"; fi
+  workdir="runs/tiny"
+  if [[ $smoke -eq 1 ]]; then workdir="runs/tiny_smoke"; fi
 fi
 python="${PYTHON:-python3}"
 if [[ $use_venv -eq 1 ]]; then

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from layerskip_jax.config import split_override_args
+from layerskip_jax.config import load as load_config, split_override_args
 from layerskip_jax.errors import UsageError
 
 
@@ -46,11 +46,18 @@ def _parse(argv: list[str]) -> Args:
 
 
 def run(main: Callable[[Args], int | None]) -> None:
-  """Runs `main` like absl.app.run, with our flag parsing and error reporting."""
+  """Runs `main` like absl.app.run, with our flag parsing and error reporting.
+
+  LAYERSKIP_PARSE_ONLY=1 parses the command line (flags, and --config.k=v overrides against --config where the
+  command has one) and exits 0 without running it: tests check the documented command lines with it."""
   def guarded(args: Args) -> int | None:
     if not flags.FLAGS['verbosity'].present:  # Orbax and JAX log every step at INFO; keep the console readable
       logging.set_verbosity(logging.WARNING)
     try:
+      if os.environ.get('LAYERSKIP_PARSE_ONLY'):
+        if args.config_overrides and 'config' in flags.FLAGS:
+          load_config(flags.FLAGS.config, args.config_overrides)
+        return 0
       return main(args)
     except UsageError as e:
       fail(_one_line(e), 2)

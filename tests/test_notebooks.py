@@ -62,8 +62,8 @@ def test_layerwise_predictions_notebook(runs, tmp_path):
                          LAYERSKIP_LAYERWISE_LEN='32', LAYERSKIP_EVAL_BATCHES='2', LAYERSKIP_EVAL_BATCH_SIZE='4',
                          LAYERSKIP_EVAL_SEQ_LEN='64')
   assert f'LAYERSKIP_CKPT: {runs / "tiny"} (step {STEPS}, found)' in text
-  assert f'LAYERSKIP_BASELINE_CKPT: {runs / "baseline"} (step {STEPS}, trained here)' in text
-  baseline = json.loads((runs / 'baseline' / 'layerskip_config.json').read_text())
+  assert f'LAYERSKIP_BASELINE_CKPT: {runs / "tiny_baseline"} (step {STEPS}, trained here)' in text
+  baseline = json.loads((runs / 'tiny_baseline' / 'layerskip_config.json').read_text())
   assert baseline['layerskip']['p_max'] == 0 and baseline['layerskip']['e_scale'] == 0
   assert (baseline['train']['steps'], baseline['train']['batch_size'], baseline['train']['seq_len']) == (STEPS, 4, 64)
   # the layer-wise table: one row per prompt token with L predictions, for both checkpoints
