@@ -1,7 +1,12 @@
 """The summary at the end of `launch/local.sh`: the per-exit table and the self-speculative speed-up, from the JSON
-files that `layerskip_jax.evaluate` and `layerskip_jax.benchmark` wrote.
+files that `layerskip_jax.evaluate` and `layerskip_jax.benchmark` wrote; and training curves of several runs.
 
     python -m layerskip_jax.report --eval RUN/eval.json --benchmark RUN/benchmark.json
+    python -m layerskip_jax.report --curves runs/tiny,runs/tiny_baseline --plot curves.png
+
+--curves draws each run's last-exit training cross-entropy (smoothed) against steps and against training time
+(the sum of step times: compilation and evaluation excluded), and its held-out cross-entropy per exit at each
+evaluation, from the runs' metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 from absl import flags
 
 from layerskip_jax import cli
@@ -54,10 +60,60 @@ def speedup_lines(benchmark: dict) -> list[str]:
   return lines
 
 
+def read_metrics(run: str) -> tuple[list[dict], list[dict]]:
+  """(training rows, held-out rows) of a run's metrics.jsonl."""
+  path = pathlib.Path(run) / 'metrics.jsonl'
+  if not path.is_file():
+    raise UsageError(f'--curves: {run} has no metrics.jsonl (give training workdirs)')
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if 'split' not in r], [r for r in rows if r.get('split') == 'heldout']
+
+
+def plot_curves(runs: list[str], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (by_step, by_time, held) = plt.subplots(1, 3, figsize=(16, 4.5))
+  for run in runs:
+    train, heldout = read_metrics(run)
+    name = pathlib.Path(run).name
+    ce = np.asarray([r['ce_last'] for r in train])
+    window = min(20, len(ce))
+    smooth = np.convolve(ce, np.ones(window) / window, mode='valid')
+    steps = np.asarray([r['step'] for r in train])[window - 1:]
+    seconds = np.cumsum([r.get('step_time') or 0.0 for r in train])[window - 1:]
+    by_step.plot(steps, smooth, label=name)
+    by_time.plot(seconds, smooth, label=name)
+    for row in heldout[-1:]:
+      held.plot(range(1, len(row['exit_ce']) + 1), row['exit_ce'], marker='o', label=f'{name} (step {row["step"]})')
+  by_step.set(xlabel='step', ylabel=f'training cross-entropy, last exit (mean of {window})')
+  by_time.set(xlabel='training time (s, sum of step times)', ylabel='training cross-entropy, last exit')
+  held.set(xlabel='exit E', ylabel='held-out cross-entropy')
+  for ax in (by_step, by_time, held):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
+  if f.curves:
+    runs = [r for r in f.curves if r]
+    for run in runs:
+      train, heldout = read_metrics(run)
+      seconds = sum(r.get('step_time') or 0.0 for r in train)
+      last = heldout[-1] if heldout else None
+      print(f'{run}: {len(train)} steps in {seconds:.0f} s of step time' +
+            (f'; held-out CE per exit at step {last["step"]}: ' + ' '.join(f'{c:.3f}' for c in last['exit_ce'])
+             if last else ''))
+    if f.plot:
+      plot_curves(runs, f.plot)
+      print(f'wrote {f.plot}')
+    if not f.eval and not f.benchmark:
+      return
   if not f.eval and not f.benchmark:
-    raise UsageError('give --eval and/or --benchmark (JSON files of layerskip_jax.evaluate / .benchmark)')
+    raise UsageError('give --eval and/or --benchmark (JSON files of layerskip_jax.evaluate / .benchmark), or --curves')
   print('=' * 80)
   if f.eval:
     evaluation = _read(f.eval, 'eval')
@@ -75,6 +131,8 @@ def main(args: cli.Args) -> None:
 def define_flags() -> None:
   flags.DEFINE_string('eval', None, 'eval.json written by python -m layerskip_jax.evaluate')
   flags.DEFINE_string('benchmark', None, 'benchmark.json written by python -m layerskip_jax.benchmark')
+  flags.DEFINE_list('curves', [], 'training workdirs whose metrics.jsonl to summarise (and plot with --plot)')
+  flags.DEFINE_string('plot', None, 'with --curves: draw the training curves into this PNG')
 
 
 if __name__ == '__main__':

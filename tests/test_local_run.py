@@ -66,3 +66,9 @@ def test_smoke_run_end_to_end(tmp_path):
   benchmark = json.loads((workdir / 'benchmark.json').read_text())
   assert {s['strategy'] for s in benchmark['settings']} == {'autoregressive', 'early_exit', 'self_speculative'}
   assert (workdir / 'eval.png').is_file() and (workdir / 'benchmark.png').is_file()
+  # The two runs' training curves (the README's results figure comes from this command).
+  curves = subprocess.run([sys.executable, '-m', 'layerskip_jax.report', '--curves', f'{workdir},{workdir}_baseline',
+                           '--plot', str(tmp_path / 'curves.png')], cwd=ROOT, capture_output=True, text=True)
+  assert curves.returncode == 0, curves.stderr
+  assert f'{workdir}: 6 steps in' in curves.stdout and f'{workdir}_baseline: 6 steps in' in curves.stdout
+  assert (tmp_path / 'curves.png').is_file()

@@ -6,7 +6,7 @@ plain step, a Hugging Face torch Llama of the same shape trained in the same run
 
 peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
 speed: full train steps (forward, backward, AdamW) of the `--config` model (tiny: the 6.3M reference shape, hidden
-256, 8 layers, 4/2 heads, intermediate 688, vocab 1024, batch 8 x 256), compiled once per setting, timed after
+256, 8 layers, 4/2 heads, intermediate 688, vocab 1024, batch 16 x 256), compiled once per setting, timed after
 warm-up over a multiple of the rotation period; median step time, tokens/s, MFU, ratio to the plain step.
 torch: transformers' LlamaForCausalLM of the same shape with torch.optim.AdamW (when torch is installed).
 memory: the train step of a larger model is compiled (never run) with the early-exit loss on every exit and on the
