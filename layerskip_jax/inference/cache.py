@@ -1,6 +1,6 @@
 """The fixed-size KVQ cache of self-speculative decoding (spec section 2.2).
 
-K and V of every layer, [layers, batch, max_len, kv_heads, head_dim], where a slot's index is its position; each row
+K and V of every layer, [layers, batch, kv_heads, max_len, head_dim], where a slot's index is its position; each row
 has its own next position (`DecodeState.pos`). The exit-query buffer ("Q") holds the layer-E activations of the
 d + 1 positions of a round, so verification starts from them: no layer runs twice for an accepted token. A roll-back
 after a rejected draft only moves the row's position; slots past it are masked by causality and overwritten later.
@@ -35,5 +35,5 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, m
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)  # see layers.py
   return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)

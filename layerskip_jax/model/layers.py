@@ -139,28 +139,46 @@ class DecoderLayer(nnx.Module):
     return constrain(out, ('act_batch', 'act_seq', 'act_embed'))
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
-             cache_v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The layer on x [B, T, D] at `positions` [B, T] (consecutive per row) against this layer's slice of a
-    fixed-size KV cache [B, S, kv_heads, head_dim] whose slot index is the position. Returns (output, the block's
-    new keys, values [B, T, kv_heads, head_dim]) for the caller to store. Attention is causal by position: slots
-    past a query's position (stale drafts, padding) are masked, so a roll-back needs no cache update."""
+             cache_v: jax.Array, layer: int | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The layer (index `layer` of the stack) on x [B, T, D] at `positions` [B, T] (consecutive per row), with the
+    fixed-size KV cache of every layer [L, B, kv_heads, S, head_dim] whose slot index is the position. Stores the
+    block's K/V in place first, then attends over the layer's slice, and returns (output, cache_k, cache_v):
+    written before it is read, the cache needs no protective copy (reading it first made XLA copy all of it for
+    every token). Attention is causal by position: slots past a query's position (stale drafts, padding) are
+    masked, so a roll-back needs no cache update."""
     attn = self.self_attn
     q, k, v = attn.project_qkv(self.input_layernorm(x), cos, sin)
-    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
-    keys, values = write(cache_k, k, positions[:, 0]), write(cache_v, v, positions[:, 0])
-    h = x + attn.output(_cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions)).astype(x.dtype)
-    return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), k, v
+    k = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)[None]  # [1, B, K, T, D]: the cache's layout
+    v = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)[None]
+    batch, t = positions.shape
+    if batch <= _UNROLLED_ROW_WRITES:  # a dynamic_update_slice per row (its own position): in place on a CPU
+      for b in range(batch):
+        corner = (layer, b, 0, positions[b, 0], 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[:, b:b + 1], corner)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[:, b:b + 1], corner)
+    else:  # large batches: one scatter (a program that does not grow with the batch)
+      rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(k.shape[2])[None, :, None]
+      slots = positions[:, None, :]
+      cache_k = cache_k.at[layer, rows, heads, slots].set(k[0])
+      cache_v = cache_v.at[layer, rows, heads, slots].set(v[0])
+    keys, values = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
+    h = x + attn.output(_cached_attention(q, keys, values, positions)).astype(x.dtype)
+    return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), cache_k, cache_v
+
+
+_UNROLLED_ROW_WRITES = 16  # batches up to this size store their K/V rows with one dynamic_update_slice each
 
 
 def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
-  """Decode attention of a few queries [B, T, H, D] over a cache [B, S, K, D], causal by position, query heads
-  grouped over their K/V head. Written out as two einsums: for T of 1..9 rows this is 0.11 ms per token (of 1.0)
-  cheaper than jax.nn.dot_product_attention's general path on a CPU; softmax in float32."""
+  """Decode attention of a few queries [B, T, H, D] over a cache [B, K, S, D], causal by position, query heads
+  grouped over their K/V head. Two einsums whose cache operand is read in place: with the cache laid out
+  [B, K, S, D] neither needs a transpose (as [B, S, K, D] XLA copied every layer's K and V slice for each token);
+  for T of 1..9 rows this is also cheaper than jax.nn.dot_product_attention's general path on a CPU. Softmax in
+  float32."""
   batch, t, heads, dim = q.shape
-  kv_heads = keys.shape[2]
+  kv_heads = keys.shape[1]
   grouped = q.reshape(batch, t, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum('btkgd,bskd->bkgts', grouped, keys, preferred_element_type=jnp.float32) / np.sqrt(dim)
-  visible = jnp.arange(keys.shape[1])[None, None, None, None, :] <= positions[:, None, None, :, None]
+  scores = jnp.einsum('btkgd,bksd->bkgts', grouped, keys, preferred_element_type=jnp.float32) / np.sqrt(dim)
+  visible = jnp.arange(keys.shape[2])[None, None, None, None, :] <= positions[:, None, None, :, None]
   probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1).astype(values.dtype)
-  return jnp.einsum('bkgts,bskd->btkgd', probs, values).reshape(batch, t, heads, dim)
+  return jnp.einsum('bkgts,bksd->btkgd', probs, values).reshape(batch, t, heads, dim)

@@ -124,13 +124,13 @@ class Transformer(nnx.Module):
                         layer_params: tuple[nnx.State, ...] | None = None
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Inference: layers [start, stop) on x [B, T, D] at `positions` [B, T] with the KV cache
-    [L, B, S, kv_heads, head_dim] (see DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
+    [L, B, kv_heads, S, head_dim] (see DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
 
     Layers outside [start, stop) (traced values allowed: one program for every exit) are skipped with lax.cond,
     and a layer's weights and cache slice are read inside its branch only, so a skipped layer costs nothing
-    (slicing them as scan inputs copied every layer's weights per call: 0.37 ms per token on tiny). The scan
-    emits each running layer's new K/V rows and one scatter stores them afterwards: never a copy of the cache.
-    `ran` tells which layers ran.
+    (slicing them as scan inputs copied every layer's weights per call: 0.37 ms per token on tiny). Each running
+    layer stores its new K/V rows in place before it reads its cache slice (DecoderLayer.decode). `ran` tells which
+    layers ran.
 
     layer_params (from `unstacked_layers()`, made once outside the compiled program): every layer's weights as
     separate arrays, applied in an unrolled loop. On a CPU, XLA copies a slice of the stacked weights before each
@@ -142,34 +142,26 @@ class Transformer(nnx.Module):
     stop = c.num_hidden_layers if stop is None else stop
     graphdef, state = nnx.split(self.layers)
     cos, sin = rope_tables(positions, c)
-    rows = jnp.arange(x.shape[0])[:, None]
-    new_shape = (*positions.shape, c.num_key_value_heads, c.head_dim)
 
-    def layer_step(x, l, weights_of):
+    def layer_step(carry, l, weights_of):
       run = (l >= start) & (l < stop)
 
-      def apply(x):  # the layer's weights are taken here, inside the branch: a skipped layer reads nothing
+      def apply(carry):  # the layer's weights are taken here, inside the branch: a skipped layer reads nothing
         layer = nnx.merge(graphdef, weights_of(l))
-        return layer.decode(x, cos, sin, positions, cache_k[l], cache_v[l])
+        return layer.decode(carry[0], cos, sin, positions, carry[1], carry[2], l)
+      return jax.lax.cond(run, apply, lambda carry: carry, carry), run
 
-      def skip(x):
-        return x, jnp.zeros(new_shape, cache_k.dtype), jnp.zeros(new_shape, cache_v.dtype)
-      x, k, v = jax.lax.cond(run, apply, skip, x)
-      return x, (k, v, run)
-
+    carry = (x, cache_k, cache_v)
     if layer_params is None:
-      x, (k, v, ran) = jax.lax.scan(lambda x, l: layer_step(x, l, lambda l: jax.tree.map(lambda a: a[l], state)),
-                                    x, jnp.arange(c.num_hidden_layers), unroll=c.scan_unroll)
+      carry, ran = jax.lax.scan(lambda carry, l: layer_step(carry, l, lambda l: jax.tree.map(lambda a: a[l], state)),
+                                carry, jnp.arange(c.num_hidden_layers), unroll=c.scan_unroll)
     else:
-      outputs = []
+      ran = []
       for l in range(c.num_hidden_layers):
-        x, out = layer_step(x, l, lambda l: layer_params[l])
-        outputs.append(out)
-      k, v, ran = (jnp.stack(parts) for parts in zip(*outputs))
-    keep = ran[:, None, None, None, None]
-    cache_k = cache_k.at[:, rows, positions].set(jnp.where(keep, k, cache_k[:, rows, positions]))
-    cache_v = cache_v.at[:, rows, positions].set(jnp.where(keep, v, cache_v[:, rows, positions]))
-    return x, cache_k, cache_v, ran
+        carry, run = layer_step(carry, l, lambda l: layer_params[l])
+        ran.append(run)
+      ran = jnp.stack(ran)
+    return (*carry, ran)
 
   def unstacked_layers(self) -> tuple[nnx.State, ...]:
     """Every layer's parameters as separate arrays (a copy), for run_layers_cached(layer_params=...)."""

@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -223,7 +224,8 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
   status, last_row, step, last_saved = 'finished', None, start, start
   last_log = (time.perf_counter(), start)
   progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
-                  disable=not (is_main and config.logging.progress_bar))
+                  disable=not (is_main and config.logging.progress_bar),
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
   try:
     with _StopRequest() as stop:
       while step < t.steps:
