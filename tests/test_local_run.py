@@ -31,7 +31,8 @@ def test_help_and_bad_options():
 
 
 def test_dry_run_prints_the_whole_path_and_runs_nothing(tmp_path):
-  result = _run('--dry-run', '--with-baseline', '--workdir', str(tmp_path / 'run'), '--config.train.seed=1')
+  result = _run('--dry-run', '--with-baseline', '--workdir', str(tmp_path / 'run'), '--venv', str(tmp_path / 'venv'),
+                '--config.train.seed=1')
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   modules = [c[c.index('-m') + 1] for c in commands if '-m' in c]
