@@ -69,13 +69,13 @@ def read_metrics(run: str) -> tuple[list[dict], list[dict]]:
   return [r for r in rows if 'split' not in r], [r for r in rows if r.get('split') == 'heldout']
 
 
-def plot_curves(runs: list[str], path: str) -> None:
+def plot_curves(metrics: dict[str, tuple[list[dict], list[dict]]], path: str) -> None:
+  """Draws {run: read_metrics(run)} into a PNG."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, (by_step, by_time, held) = plt.subplots(1, 3, figsize=(16, 4.5))
-  for run in runs:
-    train, heldout = read_metrics(run)
+  for run, (train, heldout) in metrics.items():
     name = pathlib.Path(run).name
     ce = np.asarray([r['ce_last'] for r in train])
     window = min(20, len(ce))
@@ -98,22 +98,24 @@ def plot_curves(runs: list[str], path: str) -> None:
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
-  if f.curves:
-    runs = [r for r in f.curves if r]
-    for run in runs:
-      train, heldout = read_metrics(run)
-      seconds = sum(r.get('step_time') or 0.0 for r in train)
-      last = heldout[-1] if heldout else None
-      print(f'{run}: {len(train)} steps in {seconds:.0f} s of step time' +
-            (f'; held-out CE per exit at step {last["step"]}: ' + ' '.join(f'{c:.3f}' for c in last['exit_ce'])
-             if last else ''))
-    if f.plot:
-      plot_curves(runs, f.plot)
-      print(f'wrote {f.plot}')
-    if not f.eval and not f.benchmark:
-      return
-  if not f.eval and not f.benchmark:
+  runs = [r for r in f.curves if r]
+  if not runs and not f.eval and not f.benchmark:
     raise UsageError('give --eval and/or --benchmark (JSON files of layerskip_jax.evaluate / .benchmark), or --curves')
+  if f.plot and not runs:
+    raise UsageError(f'--plot={f.plot}: draws the training curves of --curves; give training workdirs')
+  metrics = {run: read_metrics(run) for run in runs}
+  for run, (train, heldout) in metrics.items():
+    seconds = sum(r.get('step_time') or 0.0 for r in train)
+    line = f'{run}: {len(train)} steps in {seconds:.0f} s of step time'
+    if heldout:
+      line += f'; held-out CE per exit at step {heldout[-1]["step"]}: ' + ' '.join(
+          f'{c:.3f}' for c in heldout[-1]['exit_ce'])
+    print(line)
+  if f.plot:
+    plot_curves(metrics, f.plot)
+    print(f'wrote {f.plot}')
+  if not f.eval and not f.benchmark:
+    return
   print('=' * 80)
   if f.eval:
     evaluation = _read(f.eval, 'eval')
