@@ -35,7 +35,9 @@ def get_config() -> config_dict.ConfigDict:
   m.param_dtype = 'float32'  # storage dtype of parameters: float32, bfloat16 or float16
   m.remat_policy = 'full'  # per-layer rematerialisation: none, full, save_dots, save_proj (model/layers.py); full is
   #   the fastest on CPU (404 vs 554 ms per tiny step) and lets a skipped (per_batch dropout) layer cost nothing
-  m.attention_impl = 'xla'  # jax.nn.dot_product_attention implementation: xla (everywhere) or cudnn (GPU)
+  m.attention_impl = 'auto'  # auto, blockwise, xla (dense), cudnn, pallas_gpu, splash: model/attention.py says which is
+  #   used where; auto = cudnn on GPU (bf16/fp16), splash on TPU, blockwise (flash-style, plain JAX) on CPU
+  m.attention_block = 512  # query/key block of the blockwise and Pallas attention kernels (memory ~ block^2 per head)
   m.scan_unroll = 1  # layers per iteration of the layer scan (1 = rolled; num_hidden_layers = fully unrolled)
 
   # --- layerskip: the training recipe (spec section 1) ----------------------------------------------------
@@ -66,9 +68,9 @@ def get_config() -> config_dict.ConfigDict:
   t.adam_eps = 1e-8  # AdamW epsilon
   t.grad_clip_norm = 1.0  # clip the global gradient norm to this (0 = no clipping)
   t.init_from = ''  # checkpoint directory to start from (weights only, fresh optimizer, step 0): continual pretraining
-  t.log_every = 1  # steps between metrics rows (metrics.jsonl, TensorBoard)
+  t.log_every = 10  # steps between metrics rows (metrics.jsonl, TensorBoard); other steps' metrics stay on device
   t.eval_every = 100  # steps between held-out evaluations of every exit (0 = only at the end)
-  t.eval_batches = 4  # batches of the eval split per evaluation
+  t.eval_batches = 4  # batches of batch_size held-out sequences per evaluation (run in train microbatches)
   t.peak_tflops = 0.28  # peak TFLOP/s of one device, the MFU denominator (0.28: a 2-core CPU in float32)
 
   # --- checkpoint (Orbax) ------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def get_config() -> config_dict.ConfigDict:
   ck.every_steps = 100  # steps between checkpoints (and one at the end, and on SIGTERM/SIGINT)
   ck.keep = 3  # checkpoints kept (oldest deleted first)
   ck.async_save = True  # write checkpoints in the background while training continues
+  ck.preemption_check_every = 10  # steps between the processes' agreeing on a SIGTERM (an all-gather; 1 process: each)
 
   # --- logging ---------------------------------------------------------------------------------------------------
   c.logging = lg = config_dict.ConfigDict()
@@ -83,6 +86,7 @@ def get_config() -> config_dict.ConfigDict:
   lg.wandb = False  # also log to Weights & Biases (when wandb is installed)
   lg.wandb_project = 'layerskip_jax'  # W&B project name
   lg.progress_bar = True  # a console progress bar (off: one line per log step)
+  lg.profile_steps = ''  # 'FIRST,LAST': a profiler trace of steps FIRST..LAST into WORKDIR/tb ('' = off)
 
   # --- data -------------------------------------------------------------------------------------------------
   c.data = d = config_dict.ConfigDict()
@@ -94,6 +98,7 @@ def get_config() -> config_dict.ConfigDict:
   d.tfds_data_dir = ''  # data_dir of tfds:NAME sources ('' = tfds's default)
   d.text_key = 'text'  # text field of tfds records
   d.num_workers = 0  # grain worker processes (0: in the train process; workers compete for CPU cores)
+  d.prefetch = 2  # global batches read and put on devices ahead by a background thread (0 = none, read in the loop)
 
   # --- mesh: devices = data x fsdp x tensor; within-node (ici) times across-node (dcn) sizes ------------------
   c.mesh = ms = config_dict.ConfigDict()

@@ -25,6 +25,6 @@ def get_config():
   m.max_position_embeddings = 131072
   m.tie_word_embeddings = True
   m.dtype = 'bfloat16'
-  m.remat_policy = 'save_dots'
+  m.remat_policy = 'save_proj'  # 5.5 GiB of temporaries per 8192-token sequence (save_dots 14.5, full 3.2)
   c.train.seq_len = 8192
   return c

@@ -25,7 +25,7 @@ CONFIG_FILE_NAME = 'layerskip_config.json'
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_proj')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'blockwise', 'xla', 'cudnn', 'pallas_gpu', 'splash')
 ROPE_TYPES = ('default', 'linear', 'llama3')
 DEPTH_SCHEDULES = ('exp', 'uniform', 'linear', 'log', 'sin', 'sigmoid')
 TIME_SCHEDULES = ('constant', 'exp')
@@ -62,6 +62,7 @@ _RANGES = {
     'model.max_position_embeddings': (1, None, False),
     'model.initializer_range': (0.0, None, False),
     'model.scan_unroll': (1, None, False),
+    'model.attention_block': (16, None, False),
     'layerskip.p_max': (0.0, 1.0, False),
     'layerskip.e_scale': (0.0, None, False),
     'layerskip.rotation_period': (1, None, False),
@@ -81,12 +82,14 @@ _RANGES = {
     'train.adam_eps': (0.0, None, True),
     'train.grad_clip_norm': (0.0, None, False),
     'data.num_workers': (0, None, False),
+    'data.prefetch': (0, None, False),
     'train.log_every': (1, None, False),
     'train.eval_every': (0, None, False),
     'train.eval_batches': (1, None, False),
     'train.peak_tflops': (0.0, None, True),
     'checkpoint.every_steps': (1, None, False),
     'checkpoint.keep': (1, None, False),
+    'checkpoint.preemption_check_every': (1, None, False),
 }
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -272,11 +275,15 @@ def _validate_relations(config: config_dict.ConfigDict) -> None:
   if rs.rope_type == 'llama3' and rs.high_freq_factor <= rs.low_freq_factor:
     raise ConfigError(f'model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed '
                       f'model.rope_scaling.low_freq_factor={rs.low_freq_factor}')
+  if m.attention_impl == 'cudnn' and m.dtype == 'float32':
+    raise ConfigError("model.attention_impl='cudnn': cuDNN's fused attention takes bfloat16 or float16 "
+                      "(model.dtype='float32'); use model.dtype=bfloat16, or model.attention_impl=auto")
   if m.scan_unroll > m.num_hidden_layers:
     raise ConfigError(f'model.scan_unroll={m.scan_unroll}: must be at most model.num_hidden_layers='
                       f'{m.num_hidden_layers}')
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'train.grad_accum_steps={t.grad_accum_steps}: must divide train.batch_size={t.batch_size}')
+  parse_profile_steps(config.logging.profile_steps)
   if t.seq_len > m.max_position_embeddings:
     raise ConfigError(f'train.seq_len={t.seq_len}: must be at most model.max_position_embeddings='
                       f'{m.max_position_embeddings}')
@@ -293,6 +300,21 @@ def _validate_relations(config: config_dict.ConfigDict) -> None:
   if tensor > 0 and m.num_key_value_heads % tensor:
     raise ConfigError(f'mesh.tensor={config.mesh.tensor}: tensor parallelism must divide '
                       f'model.num_key_value_heads={m.num_key_value_heads}')
+
+
+def parse_profile_steps(value: str) -> tuple[int, int] | None:
+  """logging.profile_steps: '' -> None (no trace), 'FIRST,LAST' -> (FIRST, LAST), 1 <= FIRST <= LAST."""
+  if not value.strip():
+    return None
+  parts = value.split(',')
+  try:
+    first, last = (int(p) for p in parts) if len(parts) == 2 else (0, -1)
+  except ValueError:
+    first, last = 0, -1
+  if not 1 <= first <= last:
+    raise ConfigError(f"logging.profile_steps={value!r}: must be '' (off) or 'FIRST,LAST' with 1 <= FIRST <= LAST, "
+                      "e.g. '10,15' (a profiler trace of steps 10 to 15)")
+  return first, last
 
 
 def to_json(config: config_dict.ConfigDict) -> str:

@@ -1,6 +1,7 @@
 """Config files, overrides, validation errors (one line naming key and value), presets' parameter counts."""
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -89,7 +90,10 @@ BAD = [
     ({'model.head_dim': 33}, r'^model\.head_dim=33: must be even'),
     ({'model.dtype': 'fp8'}, r"^model\.dtype='fp8': must be one of float32, bfloat16, float16$"),
     ({'model.remat_policy': 'some'}, r"^model\.remat_policy='some': must be one of none, full, save_dots, save_proj$"),
-    ({'model.attention_impl': 'flash'}, r"^model\.attention_impl='flash': must be one of xla, cudnn$"),
+    ({'model.attention_impl': 'flash'},
+     r"^model\.attention_impl='flash': must be one of auto, blockwise, xla, cudnn, pallas_gpu, splash$"),
+    ({'model.attention_impl': 'cudnn'}, r"^model\.attention_impl='cudnn': cuDNN's fused attention takes bfloat16"),
+    ({'model.attention_block': 8}, r'^model\.attention_block=8: must be >= 16$'),
     ({'model.rope_scaling.rope_type': 'yarn'}, r"^model\.rope_scaling\.rope_type='yarn': must be one of"),
     ({'model.rms_norm_eps': 0}, r'^model\.rms_norm_eps=0\.0: must be > 0\.0$'),
     ({'model.scan_unroll': 9}, r'^model\.scan_unroll=9: must be at most model\.num_hidden_layers=8$'),
@@ -149,3 +153,13 @@ def test_print_config_prints_resolved_config_and_parameter_count():
   assert result.returncode == 0, result.stderr
   assert 'parameters: 8,030,261,248' in result.stdout
   assert json.loads(result.stdout[:result.stdout.rindex('}') + 1])['model']['num_key_value_heads'] == 8
+
+
+def test_an_attention_kernel_of_another_backend_is_refused_before_anything_is_written(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir),
+                           '--config.model.attention_impl=splash'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2 and result.stderr.strip().count('\n') == 0, result.stderr
+  assert result.stderr.startswith("error: model.attention_impl='splash' needs a TPU, but the backend is cpu")
+  assert not workdir.exists()

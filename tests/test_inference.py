@@ -67,6 +67,21 @@ def test_greedy_self_speculative_equals_autoregressive(model, batch):
     assert stacked.tokens == reference.tokens, strategy
 
 
+def test_greedy_self_speculative_equals_autoregressive_in_bfloat16():
+  """bf16 weights and compute: the verify pass (d + 1 rows) and autoregressive decoding (one row) choose the same
+  tokens, for every prompt and setting. The head's float32 logits and the float32 attention probabilities keep
+  bf16 rounding out of the choice (bf16-rounded probabilities made them part at a 1.4% logit margin). Known gap,
+  left to the decoding issue: batched (4 rows) bf16 self-speculation parted from batched autoregressive decoding on
+  one of these prompts, at a position whose top-2 margin is 1.6% in float32."""
+  model = create(CONFIG.replace(dtype='bfloat16', param_dtype='bfloat16'), seed=0)
+  for prompt in _prompts(4, seed=7):
+    reference = generate(model, [prompt], strategy='autoregressive', max_new_tokens=24).tokens
+    for exit_layer, d in [(1, 3), (2, 4), (3, 2), (1, 8), (3, 1)]:
+      result = generate(model, [prompt], strategy='self_speculative', exit_layer=exit_layer, num_speculations=d,
+                        max_new_tokens=24)
+      assert result.tokens == reference, (prompt, exit_layer, d)
+
+
 def test_early_exit_at_the_last_layer_is_autoregressive(model):
   prompts = _prompts(3)
   reference = generate(model, prompts, strategy='autoregressive', max_new_tokens=16)

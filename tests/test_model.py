@@ -69,6 +69,19 @@ def test_mixed_precision_dtypes(small_config):
   assert jax.tree.leaves(nnx.state(f32_params_bf16_compute))[0].dtype == jnp.float32
 
 
+def test_bf16_logits_are_float32_products_of_bf16_operands(small_config):
+  """The head accumulates and returns float32 (preferred_element_type): a bf16 model's logits are not rounded to
+  bf16 (which ties and flips argmaxes of a large vocabulary)."""
+  model = create(small_config.replace(dtype='bfloat16', param_dtype='bfloat16'), seed=0)
+  x = model.hidden_states(_tokens())[-1]
+  logits = np.asarray(model.head(x))
+  h = np.asarray(model.norm(x, jnp.bfloat16), np.float32)  # the bf16 operands, exactly, in float32
+  reference = h @ np.asarray(model.lm_head[...], np.float32)
+  np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+  rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(logits != rounded) > 0.5  # most logits carry bits a bf16 cannot hold
+
+
 def test_causality(small_model):
   tokens = _tokens(seq=16)
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 128)

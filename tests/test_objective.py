@@ -273,3 +273,29 @@ def test_layerskip_gradients_flow_to_early_layers_through_the_exits():
   grads = nnx.grad(lambda m: layerskip_loss(m, batch, 0, 0, cfg)[0])(model)
   assert float(jnp.abs(grads.layers.mlp.down_proj[...][0]).sum()) > 0
   assert np.isfinite(np.asarray(jax.tree.leaves(grads)[0])).all()
+
+
+def test_exit_statistics_chunked_equal_a_full_logits_reference(small_model):
+  """Every exit, the last included, is evaluated chunk by chunk (odd chunk length, a padded last chunk): the sums
+  equal those from full [B, T, V] logits, and the program holds no [B, T, V] array."""
+  from layerskip_jax.objective.loss import exit_statistics
+  batch = _batch(batch=4)  # 96 tokens: more rows than the head's kernel has (64), so the shape check can tell
+  batch['loss_mask'] = batch['loss_mask'].at[0, :3].set(0.0)
+  stats = jax.jit(lambda b: exit_statistics(small_model, b, chunk_len=5))(batch)
+  logits = small_model.head(small_model.hidden_states(batch['inputs']))  # [L, B, T, V]
+  mask = np.asarray(batch['loss_mask'])
+  top1 = np.asarray(jnp.argmax(logits, axis=-1))
+  targets = np.asarray(batch['targets'])
+  ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch['targets'][None, ..., None],
+                                                                     -1)[..., 0])
+  np.testing.assert_allclose(stats['ce'], (ce * mask).sum((1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(stats['correct'], ((top1 == targets) * mask).sum((1, 2)))
+  np.testing.assert_allclose(stats['agree_final'], ((top1 == top1[-1]) * mask).sum((1, 2)))
+  assert float(stats['agree_final'][-1]) == float(stats['tokens']) == mask.sum()
+  import math
+  import re
+  text = str(jax.make_jaxpr(lambda b: exit_statistics(small_model, b, 5))(batch))  # nested scans included
+  shapes = [tuple(map(int, m.split(','))) for m in re.findall(r'f32\[([\d,]+)\]', text)]
+  vocab, tokens = small_model.config.vocab_size, batch['inputs'].size
+  assert [s for s in shapes if s[-1] == vocab], 'the negative control: chunk logits are there'
+  assert not [s for s in shapes if s[-1] == vocab and math.prod(s[:-1]) >= tokens], 'whole-sequence logits'

@@ -1,4 +1,5 @@
-"""The trainer end to end: exact resume after kill -9 and SIGTERM, faults, meshes, two processes, init_from."""
+"""The trainer end to end: exact resume after kill -9 and SIGTERM (with batches prefetched ahead of the step),
+faults, meshes, two processes, init_from, rows every log_every steps, evaluation in microbatches, profiling."""
 
 import json
 import pathlib
@@ -51,9 +52,9 @@ def _rows(workdir, split=None):
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, cache_dir):
-  """An uninterrupted 16-step run on one device."""
+  """An uninterrupted 16-step run on one device (a profiler trace of steps 2-3: it changes no number)."""
   workdir = tmp_path_factory.mktemp('reference')
-  _run(workdir, cache_dir)
+  _run(workdir, cache_dir, '--config.logging.profile_steps=2,3')
   return workdir
 
 
@@ -68,6 +69,7 @@ def test_uninterrupted_run_writes_a_self_contained_workdir(reference):
   for name in ('layerskip_config.json', 'tokenizer.model', 'tb'):
     assert (reference / name).exists()
   assert sorted(int(p.name) for p in (reference / 'checkpoints').iterdir()) == [8, 12, 16]  # keep=3
+  assert list((reference / 'tb').rglob('*.xplane.pb'))  # logging.profile_steps
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir, reference):
@@ -130,7 +132,8 @@ TWO_PROCESS_TRAIN = textwrap.dedent('''
 
 def test_two_processes_match_one_process(tmp_path, cache_dir, reference):
   run_processes(TWO_PROCESS_TRAIN, 2, devices_per_process=2, extra_env={
-      'LS_WORKDIR': str(tmp_path), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL])})
+      'LS_WORKDIR': str(tmp_path), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL,
+                                                        '--config.checkpoint.preemption_check_every=4'])})
   rows = _rows(tmp_path)
   assert [r['step'] for r in rows] == list(range(1, 17))
   for a, b in zip(rows, _rows(reference)):
@@ -145,7 +148,9 @@ def test_faults_are_clear(tmp_path, cache_dir, reference):
   changed = _run(reference, cache_dir, '--config.model.hidden_size=128', check=False)
   assert changed.returncode == 2 and 'was started with model.hidden_size=64, not 128' in changed.stderr
   corrupt = tmp_path / 'corrupt'
-  _run(corrupt, cache_dir, '--config.train.steps=4')
+  _run(corrupt, cache_dir, '--config.train.steps=4', '--config.train.log_every=3')
+  rows = _rows(corrupt)
+  assert [r['step'] for r in rows] == [3, 4] and all(r['step_time'] > 0 for r in rows)  # and always the last step
   for f in (corrupt / 'checkpoints' / '4' / 'state').rglob('*'):
     if f.is_file() and 'manifest' not in f.name and f.stat().st_size > 1000:
       f.write_bytes(b'garbage' * 100)
@@ -160,8 +165,11 @@ def test_init_from_a_converted_checkpoint(tmp_path, cache_dir, reference):
   other numerics than the checkpoint's (weights cast to bfloat16, another remat policy): only the architecture must
   match, as for a converted Llama (saved with head_dim resolved and its own dtypes) continued with a preset."""
   result = _run(tmp_path / 'continued', cache_dir, f'--config.train.init_from={reference}', '--config.train.steps=2',
-                '--config.model.param_dtype=bfloat16', '--config.model.remat_policy=none')
-  assert 'initialised from' in result.stdout
+                '--config.model.param_dtype=bfloat16', '--config.model.remat_policy=none',
+                '--config.train.grad_accum_steps=2')
+  assert 'initialised from' in result.stdout and 'eval step temporaries' in result.stdout
+  evals = _rows(tmp_path / 'continued', 'heldout')  # evaluated in microbatches of 4 rows, 2 x 8 sequences
+  assert [r['step'] for r in evals] == [2] and len(evals[0]['exit_ce']) == 4
   rows = _rows(tmp_path / 'continued')
   assert [r['step'] for r in rows] == [1, 2] and rows[0]['learning_rate'] == 0.0
   assert rows[0]['ce_last'] < _rows(reference)[0]['ce_last'] - 0.3  # starts from trained weights

@@ -40,7 +40,7 @@ def main(args: cli.Args) -> None:
   if f.train_steps:
     from layerskip_jax.train.step import compiled_train_step
     compiled, state = compiled_train_step(config, b, t, concrete=True)
-    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in ('inputs', 'targets', 'loss_mask')}
+    batch = {k: jnp.asarray(v) for k, v in next(it).items()}  # the trainer's batch, as the step takes it
     times = []
     for i in range(f.train_steps + 1):
       begin = time.perf_counter()

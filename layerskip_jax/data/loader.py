@@ -10,11 +10,17 @@ because each chunk holds pairs of one document (ids[j] -> ids[j + 1]). `loss_mas
 fine-tuning prompts. Every process builds the same global batch and keeps the rows of its own devices
 (`to_global_array`), so one process and several see the same global batches; the iterator's state is saved with
 each checkpoint (item `data_iter`) for exact resumption.
+
+`Prefetcher` reads and places the next global batches on a background thread while the device computes, and keeps
+with each batch the iterator state after it, so a checkpoint records the batches trained on, not those read ahead.
 """
 
 from __future__ import annotations
 
+import copy
 import pathlib
+import queue
+import threading
 from typing import Any
 
 import grain
@@ -105,3 +111,69 @@ def to_global_array(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
 
 def count_tokens(batch: dict[str, Any]) -> int:
   return int(np.sum(batch['loss_mask']))
+
+
+class Prefetcher:
+  """`depth` global batches read from `iterator` and put on the mesh's devices (to_global_array) ahead of use, by
+  a background thread, so the train loop never waits for the host's data work between two steps.
+
+      feed = Prefetcher(iterator, mesh, depth=2)   # after restoring the iterator's state; depth 0 = in the loop
+      batch = feed.next()                          # device arrays of the next global batch
+      checkpointer.save(..., feed.iterator_state(), ...)   # the position after the last batch next() returned
+
+  The thread owns the iterator until `close()`. The order of batches is the iterator's: prefetching changes no
+  batch, only when it is read. An error in the thread (a corrupt shard) is raised by the `next()` that would have
+  returned its batch.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator, mesh: jax.sharding.Mesh, depth: int = 2):
+    self._iterator, self._mesh, self._depth = iterator, mesh, depth
+    if depth > 0:
+      self._state = copy.deepcopy(iterator.get_state())  # after the last batch handed out (none yet)
+      self._queue: queue.Queue = queue.Queue(maxsize=depth)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._produce, name='layerskip-prefetch', daemon=True)
+      self._thread.start()
+
+  def _produce(self) -> None:
+    try:
+      while not self._stop.is_set():
+        host_batch = next(self._iterator)
+        self._put((to_global_array(host_batch, self._mesh), copy.deepcopy(self._iterator.get_state())))
+    except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
+      self._put((None, e))
+
+  def _put(self, item: tuple) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def next(self) -> dict[str, jax.Array]:
+    if self._depth == 0:
+      return to_global_array(next(self._iterator), self._mesh)
+    batch, state = self._queue.get()
+    if batch is None:
+      raise state
+    self._state = state
+    return batch
+
+  def iterator_state(self) -> dict[str, Any]:
+    """get_state() of the iterator as it was right after the last batch `next()` returned."""
+    if self._depth == 0:
+      return copy.deepcopy(self._iterator.get_state())
+    return self._state
+
+  def close(self) -> None:
+    """Stops the thread (batches read ahead are dropped). The iterator's own position is then past them."""
+    if self._depth == 0 or not self._thread.is_alive():
+      return
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get(timeout=0.1)
+      except queue.Empty:
+        pass
+    self._thread.join()

@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from layerskip_jax.errors import UsageError
+from layerskip_jax.model.attention import attention, resolve_impl
 from layerskip_jax.model.model_config import ModelConfig
 from layerskip_jax.model.rope import apply_rope
 from layerskip_jax.sharding import constrain
@@ -60,15 +62,6 @@ class RMSNorm(nnx.Module):
     return (xf * self.scale[...].astype(jnp.float32)).astype(dtype or x.dtype)
 
 
-def causal_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array | None:
-  """[batch, 1, seq, seq] boolean mask: causal, and within one document when sequences are packed."""
-  if segment_ids is None:
-    return None
-  causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (same_doc & causal)[:, None]
-
-
 class Attention(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -94,19 +87,24 @@ class Attention(nnx.Module):
     v = constrain(checkpoint_name(v, 'qkv_proj'), ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
     return q, k, v
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Grouped-query attention (query heads grouped over shared K/V heads, never repeated); mask None = causal."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                        implementation=self.config.attention_impl)
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Causal grouped-query attention within each packed document (segment_ids None: one document per row), by
+    model.attention_impl ('auto': the memory-efficient kernel of the backend; model/attention.py)."""
+    c = self.config
+    try:
+      impl = resolve_impl(c.attention_impl, jax.default_backend(), c.compute_dtype)
+    except ValueError as e:  # a kernel on the wrong backend: one line naming the key
+      raise UsageError(str(e)) from None
+    return attention(q, k, v, segment_ids, impl=impl, block_q=c.attention_block, block_k=c.attention_block)
 
   def output(self, attn: jax.Array) -> jax.Array:
     batch, seq = attn.shape[:2]
     out = dense(attn.reshape(batch, seq, -1), self.o_proj, self.config.compute_dtype)
     return checkpoint_name(out, 'attn_out')
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     q, k, v = self.project_qkv(x, cos, sin)
-    return self.output(self.attend(q, k, v, mask))
+    return self.output(self.attend(q, k, v, segment_ids))
 
 
 class MLP(nnx.Module):
@@ -133,9 +131,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-    h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask).astype(x.dtype)
-    out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    with jax.named_scope('attention'):
+      h = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids).astype(x.dtype)
+    with jax.named_scope('mlp'):
+      out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
     return constrain(out, ('act_batch', 'act_seq', 'act_embed'))
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
@@ -173,12 +173,14 @@ def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, position
   """Decode attention of a few queries [B, T, H, D] over a cache [B, K, S, D], causal by position, query heads
   grouped over their K/V head. Two einsums whose cache operand is read in place: with the cache laid out
   [B, K, S, D] neither needs a transpose (as [B, S, K, D] XLA copied every layer's K and V slice for each token);
-  for T of 1..9 rows this is also cheaper than jax.nn.dot_product_attention's general path on a CPU. Softmax in
-  float32."""
+  for T of 1..9 rows this is also cheaper than jax.nn.dot_product_attention's general path on a CPU. Softmax and
+  the probability-weighted sum in float32: bf16-rounded probabilities moved a bf16 model's logits by ~1% between
+  a one-row and a nine-row pass, enough to make self-speculative and autoregressive greedy outputs part."""
   batch, t, heads, dim = q.shape
   kv_heads = keys.shape[1]
   grouped = q.reshape(batch, t, kv_heads, heads // kv_heads, dim)
   scores = jnp.einsum('btkgd,bksd->bkgts', grouped, keys, preferred_element_type=jnp.float32) / np.sqrt(dim)
   visible = jnp.arange(keys.shape[2])[None, None, None, None, :] <= positions[:, None, None, :, None]
-  probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1).astype(values.dtype)
-  return jnp.einsum('bkgts,bksd->btkgd', probs, values).reshape(batch, t, heads, dim)
+  probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
+  out = jnp.einsum('bkgts,bksd->btkgd', probs, values.astype(jnp.float32))
+  return out.astype(q.dtype).reshape(batch, t, heads, dim)

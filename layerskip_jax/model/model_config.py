@@ -19,7 +19,8 @@ class RopeScaling:
 
 # Fields that change how the model computes or is initialised, not which function it computes: a checkpoint may be
 # loaded into a config that differs in these (continual pretraining casts the weights to param_dtype).
-NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'attention_impl', 'scan_unroll', 'initializer_range')
+NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'attention_impl', 'attention_block', 'scan_unroll',
+                   'initializer_range')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,8 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat_policy: str = 'none'
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
+  attention_block: int = 512
   scan_unroll: int = 1
 
   def __post_init__(self):

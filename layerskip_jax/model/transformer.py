@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerskip_jax.model.layers import REMAT_POLICIES, DecoderLayer, RMSNorm, causal_mask, dense, param
+from layerskip_jax.model.layers import REMAT_POLICIES, DecoderLayer, RMSNorm, param
 from layerskip_jax.model.model_config import ModelConfig
 from layerskip_jax.model.rope import rope_tables
 from layerskip_jax.sharding import constrain, param_shardings
@@ -60,12 +60,12 @@ class Transformer(nnx.Module):
   def head(self, x: jax.Array) -> jax.Array:
     """The shared exit head g(x) = LM head(final RMSNorm(x)): float32 logits [..., vocab] for any layer's output."""
     dt = self.config.compute_dtype
-    h = self.norm(x, dt)
-    if self.config.tie_word_embeddings:
-      logits = jnp.dot(h.reshape(-1, h.shape[-1]), self.embed_tokens[...].astype(dt).T)
-    else:
-      logits = dense(h.reshape(-1, h.shape[-1]), self.lm_head, dt)
-    logits = logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
+    with jax.named_scope('head'):
+      h = self.norm(x, dt).reshape(-1, x.shape[-1])
+      kernel = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+      # float32 accumulation and output: a bf16 model's loss, exit statistics and greedy choices are computed on
+      # unrounded logits (bf16 logits of a 128k vocabulary tie and flip argmaxes).
+      logits = jnp.dot(h, kernel.astype(dt), preferred_element_type=jnp.float32).reshape(*x.shape[:-1], -1)
     return constrain(logits, ('act_batch', 'act_seq', 'act_vocab')) if logits.ndim == 3 else logits
 
   def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
@@ -94,10 +94,9 @@ class Transformer(nnx.Module):
       state, index, layer_keep, sample_keep = jax.tree.map(lambda a: a[start:stop],
                                                            (state, index, layer_keep, sample_keep))
     cos, sin = rope_tables(positions, c)
-    mask = causal_mask(segment_ids, x.shape[1])
 
     def apply_layer(layer_state, x):
-      return nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids)
 
     policy_name = c.remat_policy
     if policy_name != 'none':

@@ -49,6 +49,29 @@ class ObjectiveConfig:
     return self.p_max == 0 and self.e_scale == 0
 
 
+def _chunked(chunk_len: int, *arrays: jax.Array) -> tuple[int, tuple[jax.Array, ...]]:
+  """(num_chunks, arrays [num_chunks, B, c, ...]): the sequence axis (1) cut into chunks of `chunk_len` positions,
+  the last one zero-padded."""
+  batch, seq = arrays[0].shape[:2]
+  chunk_len = min(chunk_len, seq)
+  num_chunks = -(-seq // chunk_len)
+  pad = num_chunks * chunk_len - seq
+
+  def chunks(a):
+    if pad:
+      a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+  return num_chunks, tuple(chunks(a) for a in arrays)
+
+
+def greedy_over_chunks(model: Transformer, hidden: jax.Array, chunk_len: int) -> jax.Array:
+  """argmax of g(hidden) [B, T] (int32), chunk by chunk: a [B, T, V] logits tensor never exists."""
+  seq = hidden.shape[1]
+  _, (chunks,) = _chunked(chunk_len, hidden)
+  top1 = jax.lax.map(lambda h: jnp.argmax(model.head(h), axis=-1).astype(jnp.int32), chunks)
+  return jnp.moveaxis(top1, 0, 1).reshape(hidden.shape[0], -1)[:, :seq]
+
+
 def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_len: int,
                      stats) -> Any:
   """Sums stats(logits [B, c, V], targets [B, c], mask [B, c]) over chunks of `chunk_len` sequence positions.
@@ -56,15 +79,7 @@ def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, 
   The chunks go through the head one at a time (lax.scan), each under jax.checkpoint: peak memory holds one
   chunk's logits in both passes.
   """
-  batch, seq, _ = hidden.shape
-  chunk_len = min(chunk_len, seq)
-  num_chunks = -(-seq // chunk_len)
-  pad = num_chunks * chunk_len - seq
-  if pad:
-    hidden, targets, mask = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (hidden, targets, mask))
-
-  def chunks(a):
-    return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+  _, (hidden_chunks, target_chunks, mask_chunks) = _chunked(chunk_len, hidden, targets, mask.astype(jnp.float32))
 
   @jax.checkpoint
   def chunk_stats(h, y, m):
@@ -73,10 +88,10 @@ def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, 
   def body(total, xs):
     return jax.tree.map(jnp.add, total, chunk_stats(*xs)), None
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-      chunk_stats, *(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (chunks(hidden), chunks(targets),
-                                                                          chunks(mask)))))
-  total, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(mask.astype(jnp.float32))))
+  xs = (hidden_chunks, target_chunks, mask_chunks)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(chunk_stats, *(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in xs)))
+  total, _ = jax.lax.scan(body, zeros, xs)
   return total
 
 
@@ -131,7 +146,8 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
 
   tokens = jnp.sum(mask)
   denominator = jnp.maximum(tokens, 1.0)
-  ce_last = cross_entropy_sum(model, x_last, targets, mask, cfg.ce_chunk_len) / denominator
+  with jax.named_scope('last_exit_loss'):
+    ce_last = cross_entropy_sum(model, x_last, targets, mask, cfg.ce_chunk_len) / denominator
   weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale)
   loss = weights[-1] * ce_last
   exit_ce = jnp.full((num_layers,), jnp.nan, jnp.float32).at[-1].set(ce_last)
@@ -151,7 +167,8 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
     # No lax.cond to skip padding entries (zero weight): a cond's residuals are stacked per iteration, head
     # weights included, which cost 1.5x the train step's memory on a 24-layer model; plain iterations keep the
     # loop-invariant weights out of the stack (1.08x).
-    _, early_ce = jax.lax.scan(lambda _, layer: (None, exit_ce_of(layer)), None, chosen)
+    with jax.named_scope('early_exit_loss'):
+      _, early_ce = jax.lax.scan(lambda _, layer: (None, exit_ce_of(layer)), None, chosen)
     loss = loss + jnp.sum(chosen_weights * early_ce)
     exit_ce = exit_ce.at[chosen].set(jnp.where(chosen_weights > 0, early_ce, jnp.nan))
 
@@ -161,13 +178,16 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
 def exit_statistics(model: Transformer, batch: dict[str, jax.Array], chunk_len: int = 512) -> dict[str, jax.Array]:
   """Evaluation at every exit, no dropout. Sums over the batch's target tokens, each float32 [L] (index l holds exit
   E = l + 1, g(x_{l+1}); interfaces.md): `ce` (cross-entropy), `correct` (top-1 equals the target), `agree_final`
-  (top-1 equals the last exit's top-1: greedy agreement); and `tokens`. Divide by tokens for means."""
+  (top-1 equals the last exit's top-1: greedy agreement); and `tokens`. Divide by tokens for means.
+
+  Every exit, the last included, goes through the head chunk by chunk (`chunk_len` positions at a time): no
+  [B, T, V] logits, so evaluation fits wherever the train step (same microbatch) fits."""
   inputs = batch['inputs']
   positions = batch.get('positions')
   positions = default_positions(inputs) if positions is None else positions
   mask = batch['loss_mask'].astype(jnp.float32)
   x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'), collect=True)
-  final = jnp.argmax(model.head(x_last), axis=-1)
+  final = greedy_over_chunks(model, x_last, chunk_len)
 
   def per_exit(_, h):
     def stats(logits, targets_and_final, m):

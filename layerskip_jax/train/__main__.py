@@ -29,6 +29,12 @@ def main(args: cli.Args) -> int:
   config = config_lib.load(f.config, args.config_overrides)  # validated before anything compiles
   from layerskip_jax.train import distributed, trainer
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  import jax
+  from layerskip_jax.model.attention import resolve_impl
+  try:  # a kernel on the wrong backend (cudnn on a TPU, splash on a GPU): refused before anything is written
+    resolve_impl(config.model.attention_impl, jax.default_backend(), config.model.dtype)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   try:
     trainer.train(config, f.workdir)
   except trainer.NonFiniteLoss as e:

@@ -3,6 +3,7 @@ plain step, a Hugging Face torch Llama of the same shape trained in the same run
 
     python -m layerskip_jax.train.bench --json train_bench.json     # speed, torch, memory
     python -m layerskip_jax.train.bench --what memory --memory_config llama_1_5b --memory_seq_len 2048
+    python -m layerskip_jax.train.bench --what loop --json loop.json [--config.data.cache_dir=...]
 
 peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
 speed: full train steps (forward, backward, AdamW) of the `--config` model (tiny: the 6.3M reference shape, hidden
@@ -11,11 +12,24 @@ warm-up over a multiple of the rotation period; median step time, tokens/s, MFU,
 torch: transformers' LlamaForCausalLM of the same shape with torch.optim.AdamW (when torch is installed).
 memory: the train step of a larger model is compiled (never run) with the early-exit loss on every exit and on the
 last exit only; `compiled.memory_analysis()` gives the temporary memory of each.
+loop: what the training loop costs beyond its compiled step. The trainer itself runs `--loop_steps` steps of the
+`--config` model on its real data (no evaluation, no checkpoint but the last; `--config.k=v` overrides apply) in
+a few loop settings, and reports the host's own work per step (data, transfers, metrics rows, preemption checks:
+the loop's time outside its waits for the device) and how many steps were dispatched only after the previous step
+had finished, i.e. how often that work stalled the device. Also its wall time per step (rows' step_time, after
+the first row) and tokens/s, against the compiled step alone, timed back to back on one device-resident batch
+just before and after each run. On a CPU the "device" shares the cores with the host, so work moved off the
+critical path still competes for them, and a shared machine's load makes wall times vary 20-30%.
+
+Every step is compiled by `state.compile_steps`, the trainer's one compile path (on a one-device mesh here, except
+the loop's, which uses the trainer's own mesh).
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
+import tempfile
 import time
 
 import jax
@@ -25,14 +39,15 @@ from absl import flags
 
 from layerskip_jax import cli
 from layerskip_jax import config as config_lib
-from layerskip_jax.train.step import compiled_train_step
+from layerskip_jax.train.step import compiled_train_step, synthetic_batch
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
-flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory')
+flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, loop')
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
 flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory benchmark (compiled, never run)')
 flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory benchmark')
 flags.DEFINE_integer('memory_batch', 1, 'batch of the memory benchmark')
+flags.DEFINE_integer('loop_steps', 40, 'loop: train steps per loop setting (rows after the first are timed)')
 flags.DEFINE_string('json', None, 'write the results here')
 
 SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come from --config)
@@ -101,9 +116,7 @@ def speed(config_name: str, steps: int, peak: float) -> dict:
     start = time.perf_counter()
     compiled, state = compiled_train_step(config, b, t, concrete=True)
     compile_s = time.perf_counter() - start
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, config.model.vocab_size, (b, t + 1)), jnp.int32)
-    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((b, t), jnp.float32)}
+    batch = synthetic_batch(config.model.vocab_size, b, t)
     times = []
     for i in range(steps + 2):
       begin = time.perf_counter()
@@ -137,6 +150,75 @@ def memory(config_name: str, seq_len: int, batch: int) -> dict:
   return {'config': config_name, 'seq_len': seq_len, 'batch': batch, **results}
 
 
+LOOP_SETTINGS = {  # name -> overrides of the trainer's config (on top of --config and the command line's)
+    'log_every_1': {'train.log_every': 1},
+    'log_every_10': {'train.log_every': 10},
+    'log_every_1_no_prefetch': {'train.log_every': 1, 'data.prefetch': 0},
+}
+
+
+class _CompiledStepTimer:
+  """The trainer's compiled step alone, on one device-resident batch of the run's data: steps dispatched back to
+  back without waiting, one block at the end. Timed right before and after each loop run (a shared machine's
+  load drifts)."""
+
+  def __init__(self, config):
+    from layerskip_jax import sharding
+    from layerskip_jax.data import loader
+    from layerskip_jax.data.cache import ensure_prepared
+    from layerskip_jax.train.state import compile_steps, init_state
+    mesh = sharding.make_mesh(config.mesh)
+    self.steps = compile_steps(config, mesh, with_eval=False)
+    self.state = init_state(config, self.steps)
+    t = config.train
+    host = next(iter(loader.dataset(ensure_prepared(config).train, t.seq_len, t.batch_size, seed=t.seed)))
+    self.batch = loader.to_global_array(host, mesh)
+    self.ms(3)  # warm-up
+
+  def ms(self, repeats: int) -> float:
+    """ms per step over `repeats` steps."""
+    begin = time.perf_counter()
+    for i in range(repeats):
+      self.state, metrics = self.steps.train(self.state, self.batch, jnp.int32(i))
+    jax.block_until_ready((self.state, metrics))
+    return 1e3 * (time.perf_counter() - begin) / repeats
+
+
+def _loop_ms(rows: list[dict]) -> float:
+  """The loop's wall ms per step from its rows' step_time (each the mean since the previous row), rows after the
+  first (which holds the warm-up)."""
+  total = steps = 0
+  for previous, row in zip(rows, rows[1:]):
+    total += row['step_time'] * (row['step'] - previous['step'])
+    steps += row['step'] - previous['step']
+  return 1e3 * total / steps
+
+
+def loop(config_name: str, steps: int, overrides: list[str]) -> dict:
+  """Each LOOP_SETTINGS run of the trainer: host ms per step, stalls, wall ms per step against the step alone."""
+  from layerskip_jax.train import trainer
+  base = {'train.steps': steps, 'train.eval_every': 0, 'data.eval_split': '', 'checkpoint.every_steps': 10**9}
+  config = config_lib.load(config_name, [*(f'{k}={v}' for k, v in base.items()), *overrides])
+  tokens = config.train.batch_size * config.train.seq_len
+  timer = _CompiledStepTimer(config)
+  results = {}
+  for name, setting in LOOP_SETTINGS.items():
+    run_config = config_lib.load(config_name, [*(f'{k}={v}' for k, v in {**base, **setting}.items()), *overrides])
+    alone = [timer.ms(steps // 2)]
+    with tempfile.TemporaryDirectory() as workdir:
+      stats = trainer.train(run_config, workdir)['loop']
+      rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+    alone.append(timer.ms(steps // 2))
+    loop_ms, step_ms = _loop_ms([r for r in rows if 'split' not in r]), float(np.mean(alone))
+    results[name] = {'overrides': setting, 'loop_ms': loop_ms, 'tokens_per_sec': tokens / loop_ms * 1e3,
+                     'host_ms': 1e3 * stats['host_seconds'] / stats['steps'],
+                     'idle_dispatches': stats['idle_dispatches'], 'steps': stats['steps'],
+                     'compiled_step_ms': alone, 'compiled_step_tokens_per_sec': tokens / step_ms * 1e3,
+                     'loop_minus_step_ms': loop_ms - step_ms}
+  return {'config': config_name, 'steps': steps, 'batch': config.train.batch_size, 'seq_len': config.train.seq_len,
+          'settings': results}
+
+
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
   report = {'backend': jax.default_backend(), 'devices': jax.device_count()}
@@ -168,6 +250,15 @@ def main(args: cli.Args) -> None:
     for name in ('last_exit_only', 'all_exits'):
       print(f'  {name:16s} {m[name]["temp_bytes"] / 2**30:8.2f} GiB')
     print(f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x')
+  if 'loop' in f.what:
+    report['loop'] = r = loop(f.config, f.loop_steps, args.config_overrides)
+    print(f'training loop on {f.config} ({r["batch"]} x {r["seq_len"]} tokens, {f.loop_steps} steps per setting): '
+          'host work per step outside waits for the device; steps dispatched after the previous one had finished '
+          '(the device waited for the host); the loop against its compiled step alone (timed just before and after)')
+    for name, s in r['settings'].items():
+      print(f'  {name:24s} host {s["host_ms"]:5.1f} ms/step, device waited before {s["idle_dispatches"]:3d} of '
+            f'{s["steps"]} steps; loop {s["loop_ms"]:7.1f} ms/step {s["tokens_per_sec"]:6.0f} tok/s, step alone '
+            f'{" / ".join(f"{v:.1f}" for v in s["compiled_step_ms"])} ms')
   if f.json:
     with open(f.json, 'w') as fh:
       json.dump(report, fh, indent=2)

@@ -1,26 +1,27 @@
 """One train step: gradient accumulation over microbatches, the LayerSkip objective, the optimizer update.
 
-The train state is a pure pytree, {'params': pure parameter dict, 'opt_state': optax state}, the same tree a
-checkpoint's `state` item holds. `make_train_step` returns a pure function to jit with explicit shardings and
-donated state.
+The train state is a `state.TrainState` (params: pure parameter dict, opt_state: optax state). `make_train_step`
+returns a pure function; `state.compile_steps` is where it is jitted with explicit shardings and donated state, for
+the trainer and the benchmarks alike (`compiled_train_step` here is its one-device form for benchmarks).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from ml_collections import config_dict
 
-from layerskip_jax.model import ModelConfig, abstract, create
 from layerskip_jax.objective import ObjectiveConfig, layerskip_loss
-from layerskip_jax.train.optimizer import make_optimizer
 
-TrainState = dict[str, Any]  # {'params': ..., 'opt_state': ...}
+if TYPE_CHECKING:  # state.py compiles this module's step: import it there, not here
+  from layerskip_jax.train.state import TrainState
 
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> dict[str, jax.Array]:
@@ -43,7 +44,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], step: jax.Array):
-    params = state['params']
+    params = state.params
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(params, batch, step, jnp.int32(0))
     else:
@@ -59,28 +60,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
       metrics['tokens'] = metrics['tokens'] * grad_accum_steps
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return {'params': new_params, 'opt_state': opt_state}, metrics
+    return state.replace(params=new_params, opt_state=opt_state), metrics
 
   return train_step
 
 
 def compiled_train_step(config: config_dict.ConfigDict, batch_size: int, seq_len: int, concrete: bool):
-  """(compiled step, state) for one device, for benchmarks: a fresh model and optimizer (concrete=True), or
-  abstract shapes only (compile without allocating: memory analysis of models that do not fit)."""
-  model_config = ModelConfig.from_config(config.model)
-  model = create(model_config, config.train.seed) if concrete else abstract(model_config)
-  graphdef, params_state = nnx.split(model)
-  tx = make_optimizer(config.train, params_state)
-  params = nnx.to_pure_dict(params_state)
-  state = {'params': params, 'opt_state': (tx.init(params) if concrete else jax.eval_shape(tx.init, params))}
-  step_fn = jax.jit(make_train_step(graphdef, tx, ObjectiveConfig.from_config(config), config.train.grad_accum_steps),
-                    donate_argnums=0)
-  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-           'targets': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-           'loss_mask': jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
-  compiled = step_fn.lower(jax.eval_shape(lambda: state) if not concrete else state, batch,
-                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
-  return compiled, state
+  """(compiled step, state) on one device, for benchmarks: the trainer's compiled step (state.compile_steps) for a
+  global batch of batch_size x seq_len, with a fresh model and optimizer (concrete=True), or the abstract state
+  only (concrete=False: compiled without allocating, for the memory analysis of models that do not fit). The step
+  takes the trainer's batch dict (`synthetic_batch`)."""
+  from layerskip_jax import sharding
+  from layerskip_jax.train.state import compile_steps, init_state
+  config = copy.deepcopy(config)
+  config.train.batch_size, config.train.seq_len = batch_size, seq_len
+  steps = compile_steps(config, sharding.single_device_mesh(), with_eval=False)
+  return steps.train, (init_state(config, steps) if concrete else steps.abstract_state)
+
+
+def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
+  """A batch of the trainer's layout of random tokens: one document per row (segment 1, positions 0..seq_len-1),
+  every target counted."""
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1))
+  return {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32), 'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
+          'loss_mask': jnp.ones((batch_size, seq_len), jnp.float32),
+          'segment_ids': jnp.ones((batch_size, seq_len), jnp.int32),
+          'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))}

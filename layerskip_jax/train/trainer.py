@@ -4,10 +4,22 @@
 
 Running it again on the same workdir resumes from the latest checkpoint, bit-identically on CPU: the data iterator,
 the parameters and optimizer state are restored, and every schedule and random draw is a function of the step.
+
+`train` runs five phases, each one function: `_prepare` (workdir, mesh, data), `state.compile_steps` (the train
+and eval steps, compiled from abstract shapes before anything is allocated), `_initial_state` (resume, init_from
+or fresh), `_Loop.run` (the steps) and `_Loop.finish` (last row, final evaluation, checkpoint).
+
+The host never makes the device wait between steps: the next global batches are read and placed on the devices by
+a background thread (`data.prefetch`); a step's metrics leave the device only on log steps (`train.log_every`),
+fetched once the following step is queued, so the non-finite-loss check runs one step late (never after a
+checkpoint of the bad update: a save checks first); and processes agree on a stop signal only every
+`checkpoint.preemption_check_every` steps (an all-gather). The host waits for the device only at log rows (for the
+step before the one running), evaluations and checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -21,26 +33,20 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_dict
 from tqdm import tqdm
 
 import layerskip_jax
 from layerskip_jax import checkpoint_dir, config as config_lib, sharding
 from layerskip_jax.data import loader
-from layerskip_jax.data.cache import ensure_prepared
+from layerskip_jax.data.cache import PreparedData, ensure_prepared
 from layerskip_jax.errors import UsageError
-from layerskip_jax.model import ModelConfig, abstract, create
-from layerskip_jax.objective import ObjectiveConfig
-from layerskip_jax.objective.loss import exit_statistics
+from layerskip_jax.model import ModelConfig
 from layerskip_jax.train.checkpointing import Checkpointer
 from layerskip_jax.train.metrics import MetricsWriter, train_flops_per_token
-from layerskip_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from layerskip_jax.train.step import make_train_step
-
-BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
+from layerskip_jax.train.optimizer import learning_rate_schedule
+from layerskip_jax.train.state import CompiledSteps, TrainState, compile_steps, eval_batch_size, init_state
 
 
 class NonFiniteLoss(Exception):
@@ -70,10 +76,38 @@ class _StopRequest:
       signal.signal(sig, handler)
 
   def agreed(self) -> bool:
-    """Every process stops at the same step: the processes share their flags (a tiny all-gather per step)."""
+    """Every process stops at the same step: the processes share their flags (a tiny all-gather, so the loop
+    asks only every checkpoint.preemption_check_every steps)."""
     if jax.process_count() == 1:
       return self.requested
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+class _Profiler:
+  """logging.profile_steps 'FIRST,LAST': a trace (jax.profiler) of the steps whose rows are FIRST..LAST, written
+  to WORKDIR/tb by process 0. It stops once step LAST's state is computed, not merely queued."""
+
+  def __init__(self, spec: str, directory: pathlib.Path, enabled: bool):
+    self.range = config_lib.parse_profile_steps(spec) if enabled else None
+    self.directory = directory
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    """`step` is the number the step about to be dispatched will have (1-based, as in metrics rows)."""
+    if self.range is not None and step == self.range[0]:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after_step(self, step: int, state: TrainState) -> None:
+    if self.active and step == self.range[1]:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path) -> None:
@@ -87,21 +121,6 @@ def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path)
       key = differing[0] if differing else '?'
       raise UsageError(f'--workdir={workdir}: was started with {section}.{key}={saved[section][key]!r}, not '
                        f'{config[section][key]!r}; resume with the same config or use a new workdir')
-
-
-def _state_shardings(abstract_params_state, tx, mesh):
-  """Shardings of {'params', 'opt_state'}: parameters by the logical-axis rules, optimizer moments like their
-  parameters (read off the compiled tx.init), scalars replicated."""
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_params_state, mesh))
-  abstract_params = nnx.to_pure_dict(abstract_params_state)
-  with jax.set_mesh(mesh):
-    compiled_init = jax.jit(tx.init, in_shardings=(param_sh,)).lower(abstract_params).compile()
-  opt_sh = compiled_init.output_shardings
-  return {'params': param_sh, 'opt_state': opt_sh}
-
-
-def _abstract_with(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def _save_tokenizer(tokenizer: pathlib.Path, workdir: pathlib.Path) -> None:
@@ -118,164 +137,248 @@ def _format_bytes(n: float) -> str:
   return f'{n / 2**30:.2f} GiB' if n >= 2**28 else f'{n / 2**20:.1f} MiB'
 
 
-def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains to config.train.steps (or until a stop signal); returns {'step', 'status', 'last_row'}."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every phase reads: the config, where the run lives, its mesh and data."""
+  config: config_dict.ConfigDict
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  prepared: PreparedData
+  init_ckpt: checkpoint_dir.CheckpointDir | None
+  is_main: bool
+
+
+def _prepare(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> _Run:
+  """Phase 1: checks that need no compile (workdir, batch over the mesh, init_from's architecture), prepares the
+  data, writes the config and tokenizer into the workdir."""
   workdir = pathlib.Path(workdir).expanduser().absolute()
   is_main = jax.process_index() == 0
   _check_workdir_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   t = config.train
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-  if (t.batch_size // t.grad_accum_steps) % data_parallel:
+  if eval_batch_size(config) % data_parallel:
     raise UsageError(f'train.batch_size={t.batch_size}: each microbatch (batch_size / grad_accum_steps = '
-                     f'{t.batch_size // t.grad_accum_steps}) must divide over the {data_parallel} data-parallel '
+                     f'{eval_batch_size(config)}) must divide over the {data_parallel} data-parallel '
                      'devices (mesh.data x mesh.fsdp)')
-
   init_ckpt = checkpoint_dir.resolve(t.init_from) if t.init_from else None
+  if init_ckpt is not None:
+    theirs = ModelConfig.from_config(config_lib.from_json(init_ckpt.config_path).model).architecture()
+    ours = ModelConfig.from_config(config.model).architecture()
+    differing = next((k for k in ours if theirs[k] != ours[k]), None)
+    if differing is not None:  # numerics (dtype, param_dtype, remat_policy, ...) may differ: weights are cast
+      raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
+                       f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
   init_tokenizer = str(init_ckpt.tokenizer_path) if init_ckpt and init_ckpt.tokenizer_path else None
   prepared = ensure_prepared(config, tokenizer=config.data.tokenizer or init_tokenizer)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save(config, workdir)
     _save_tokenizer(prepared.tokenizer, workdir)
+  return _Run(config=config, workdir=workdir, mesh=mesh, prepared=prepared, init_ckpt=init_ckpt, is_main=is_main)
 
-  model_config = ModelConfig.from_config(config.model)
-  graphdef, abstract_params_state = nnx.split(abstract(model_config))
-  tx = make_optimizer(t, abstract_params_state)
-  state_sh = _state_shardings(abstract_params_state, tx, mesh)
-  abstract_params = nnx.to_pure_dict(abstract_params_state)
-  abstract_state = _abstract_with({'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params)},
-                                  state_sh)
 
-  iterator = iter(loader.dataset(prepared.train, t.seq_len, t.batch_size, seed=t.seed,
-                                 num_workers=config.data.num_workers))
-  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+def _initial_state(run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, iterator
+                   ) -> tuple[TrainState, int, str]:
+  """Phase 3: (state, start step, what was done): the latest checkpoint of the workdir (the data iterator is set
+  to its position), else train.init_from's weights with a fresh optimizer, else a fresh model."""
   start = checkpointer.latest_step()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(run.mesh):
     if start is not None:
-      state, _ = checkpointer.restore(start, abstract_state, iterator)
-      message = f'resumed from {checkpointer.directory / str(start)}'
-    else:
-      start = 0
-      if init_ckpt is not None:
-        init_config, params, _ = checkpoint_dir.restore_params(init_ckpt.step_dir, mesh)
-        theirs, ours = ModelConfig.from_config(init_config.model).architecture(), model_config.architecture()
-        differing = next((k for k in ours if theirs[k] != ours[k]), None)
-        if differing is not None:  # numerics (dtype, param_dtype, remat_policy, ...) may differ: weights are cast
-          raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
-                           f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
-        params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(model_config.weight_dtype), p),
-                         out_shardings=state_sh['params'])(params)
-        message = f'initialised from {init_ckpt.step_dir} (weights only, fresh optimizer)'
-      else:
-        params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(model_config, t.seed), nnx.Param)),
-                         out_shardings=state_sh['params'])()
-        message = 'initialised from scratch'
-      state = {'params': params,
-               'opt_state': jax.jit(tx.init, out_shardings=state_sh['opt_state'])(params)}
+      state, _ = checkpointer.restore(start, steps.abstract_state, iterator)
+      return state, start, f'resumed from {checkpointer.directory / str(start)}'
+    if run.init_ckpt is not None:
+      _, params, _ = checkpoint_dir.restore_params(run.init_ckpt.step_dir, run.mesh)
+      return (init_state(run.config, steps, params), 0,
+              f'initialised from {run.init_ckpt.step_dir} (weights only, fresh optimizer)')
+  return init_state(run.config, steps), 0, 'initialised from scratch'
 
-    objective = ObjectiveConfig.from_config(config)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sh = sharding.batch_sharding(mesh, 2)
-    step_fn = jax.jit(make_train_step(graphdef, tx, objective, t.grad_accum_steps),
-                      in_shardings=(state_sh, {k: batch_sh for k in BATCH_KEYS}, replicated),
-                      out_shardings=(state_sh, replicated), donate_argnums=0)
-    abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.float32 if k == 'loss_mask'
-                                              else jnp.int32, sharding=batch_sh) for k in BATCH_KEYS}
-    begin = time.perf_counter()
-    compiled = step_fn.lower(abstract_state, abstract_batch,
-                             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()
-    memory = compiled.memory_analysis()
-    if is_main:
-      print(f'layerskip_jax {layerskip_jax.__version__}: {message}; {sharding.describe(mesh)}')
-      if memory is not None:
-        print(f'compiled train step in {time.perf_counter() - begin:.1f}s; per device: parameters+optimizer '
-              f'{_format_bytes(memory.argument_size_in_bytes)}, temporaries {_format_bytes(memory.temp_size_in_bytes)}')
 
-    eval_fn = jax.jit(lambda params, batch: exit_statistics(nnx.merge(graphdef, params), batch,
-                                                            objective.ce_chunk_len),
-                      in_shardings=(state_sh['params'], {k: batch_sh for k in BATCH_KEYS}))
+def _describe_compiled(steps: CompiledSteps) -> str | None:
+  train, evaluate = steps.train.memory_analysis(), steps.eval.memory_analysis() if steps.eval else None
+  if train is None:
+    return None
+  line = (f'compiled train step in {steps.train_seconds:.1f}s; per device: parameters+optimizer '
+          f'{_format_bytes(train.argument_size_in_bytes)}, temporaries {_format_bytes(train.temp_size_in_bytes)}')
+  if evaluate is not None:
+    line += f'; eval step temporaries {_format_bytes(evaluate.temp_size_in_bytes)}'
+  return line
 
-  metrics_writer = MetricsWriter(workdir, config.logging, resume_step=start, enabled=is_main,
-                                 run_config=config.to_dict())
-  lr_schedule = learning_rate_schedule(t)
-  flops_per_step = train_flops_per_token(model_config, t.seq_len) * t.batch_size * t.seq_len
-  peak = t.peak_tflops * 1e12 * jax.device_count()
 
-  def evaluate(step: int) -> dict | None:
-    if prepared.heldout is None:
-      return None
-    totals = None
-    for i, batch in enumerate(loader.dataset(prepared.heldout, t.seq_len, t.batch_size, shuffle=False,
-                                             repeat=False)):
+def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains to config.train.steps (or until a stop signal); returns {'step', 'status', 'last_row', 'loop'} (loop:
+  {'steps' run, 'host_seconds' the loop's own work took, 'idle_dispatches': steps dispatched after the previous
+  one had finished, i.e. the device waited for the host})."""
+  run = _prepare(config, workdir)
+  steps = compile_steps(config, run.mesh, with_eval=run.prepared.heldout is not None)
+  t = config.train
+  iterator = iter(loader.dataset(run.prepared.train, t.seq_len, t.batch_size, seed=t.seed,
+                                 num_workers=config.data.num_workers))
+  checkpointer = Checkpointer(run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  try:
+    state, start, message = _initial_state(run, steps, checkpointer, iterator)
+    if run.is_main:
+      print(f'layerskip_jax {layerskip_jax.__version__}: {message}; {sharding.describe(run.mesh)}')
+      compiled = _describe_compiled(steps)
+      if compiled is not None:
+        print(compiled)
+    loop = _Loop(run, steps, checkpointer, iterator, start)
+  except BaseException:
+    checkpointer.close()
+    raise
+  try:
+    state = loop.run(state)
+    loop.finish(state)
+  finally:
+    loop.close()
+  if run.is_main:
+    print(f'{loop.status} at step {loop.step}; checkpoint {checkpointer.directory / str(loop.step)}')
+  return {'step': loop.step, 'status': loop.status, 'last_row': loop.last_row,
+          'loop': {'steps': loop.step - start, 'host_seconds': loop.host_seconds,
+                   'idle_dispatches': loop.idle_dispatches}}
+
+
+class _Loop:
+  """Phases 4 and 5: the steps from `start` to train.steps (or a stop signal), then the last row, the final
+  evaluation and checkpoint. Owns the checkpointer, the data feed (a Prefetcher over `iterator`, positioned at
+  `start`) and the metrics writer, and closes them."""
+
+  def __init__(self, run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, iterator, start: int):
+    self.setup, self.steps, self.checkpointer = run, steps, checkpointer
+    config, t = run.config, run.config.train
+    self.config, self.t = config, t
+    self.step = self.last_saved = self.checked = start
+    self.status, self.last_row = 'finished', None
+    self.pending = None  # (step, metrics on device) of the last log step, its row not yet written
+    self.latest = None  # (step, metrics on device) of the last dispatched step
+    self.metrics_writer = MetricsWriter(run.workdir, config.logging, resume_step=start, enabled=run.is_main,
+                                        run_config=config.to_dict())
+    # The schedule is evaluated once here: evaluated per row on the device, it would queue behind the steps.
+    self.learning_rates = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(t)))(np.arange(t.steps)))
+    self.flops_per_step = (train_flops_per_token(ModelConfig.from_config(config.model), t.seq_len)
+                           * t.batch_size * t.seq_len)
+    self.peak = t.peak_tflops * 1e12 * jax.device_count()
+    self.profiler = _Profiler(config.logging.profile_steps, run.workdir / 'tb', enabled=run.is_main)
+    self.progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+                         disable=not (run.is_main and config.logging.progress_bar),
+                         mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
+    self.last_log = (time.perf_counter(), start)  # (time, step) of the last row: step_time averages since then
+    # What the loop costs the device (train.bench --what loop): host seconds per step outside waits for the device
+    # (evaluations and saves excluded), and steps dispatched only after the previous one had finished.
+    self.host_seconds, self.idle_dispatches = 0.0, 0
+    self.feed = loader.Prefetcher(iterator, run.mesh, config.data.prefetch)  # last: its thread starts here
+
+  def run(self, state: TrainState) -> TrainState:
+    t, every = self.t, self.config.checkpoint.every_steps
+    check_every = 1 if jax.process_count() == 1 else self.config.checkpoint.preemption_check_every
+    with _StopRequest() as stop:
+      while self.step < t.steps:
+        begin = time.perf_counter()
+        if self.step % check_every == 0 and stop.agreed():
+          self.status = 'preempted'
+          break
+        self.profiler.before_step(self.step + 1)
+        batch = self.feed.next()
+        self.idle_dispatches += self.latest is not None and self.latest[1]['loss'].is_ready()
+        state, metrics = self.steps.train(state, batch, jnp.int32(self.step))
+        self.step += 1
+        self.host_seconds += time.perf_counter() - begin
+        self._write_pending()  # the previous log step's row, now that this step is queued behind it
+        self.latest = (self.step, metrics)
+        if self.step % t.log_every == 0 or self.step == t.steps:
+          self.pending = self.latest
+        self.profiler.after_step(self.step, state)
+        evaluate = t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps
+        save = self.step % every == 0 and self.step < t.steps
+        if evaluate or save:
+          self._write_pending()  # the train row before the held-out row, and its loss checked before a save
+        self.progress.update(1)
+        if evaluate:
+          self._evaluate(state)
+          self.last_log = (time.perf_counter(), self.step)  # evaluation time is not step time
+        if save:
+          self._save(state)
+    return state
+
+  def finish(self, state: TrainState) -> None:
+    self._write_pending()
+    if self.status == 'finished':
+      self._evaluate(state)
+    if self.last_saved != self.step:
+      self._save(state)
+    self.checkpointer.wait()
+
+  def close(self) -> None:
+    self.profiler.stop()
+    self.progress.close()
+    self.feed.close()
+    self.checkpointer.close()
+    self.metrics_writer.close()
+
+  def _check_finite(self, step: int, loss: float) -> None:
+    if not math.isfinite(loss):
+      raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step}; stopped without saving: the last good '
+                          f'checkpoint is step {self.checkpointer.latest_step()}')
+    self.checked = step
+
+  def _write_pending(self) -> None:
+    """Fetches the pending log step's metrics (waiting for that step, not for the one queued after it), checks
+    its loss and writes its row."""
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    metrics = jax.device_get(metrics)
+    now = time.perf_counter()
+    step_time, self.last_log = (now - self.last_log[0]) / (step - self.last_log[1]), (now, step)
+    self._check_finite(step, float(metrics['loss']))
+    row = self.metrics_writer.write({
+        'step': step, 'loss': metrics['loss'], 'ce_last': metrics['ce_last'], 'exit_ce': metrics['exit_ce'],
+        'grad_norm': metrics['grad_norm'], 'learning_rate': float(self.learning_rates[step - 1]),
+        'tokens_per_sec': float(metrics['tokens']) / step_time, 'step_time': step_time,
+        'mfu': self.flops_per_step / step_time / self.peak})
+    self.last_row = row
+    self.progress.set_postfix(loss=f'{row["loss"]:.3f}', ce_last=f'{row["ce_last"]:.3f}',
+                              tok_s=f'{row["tokens_per_sec"]:.0f}', refresh=False)
+    if self.progress.disable and self.setup.is_main:
+      print(f'step {step}/{self.t.steps} loss {row["loss"]:.4f} ce_last {row["ce_last"]:.4f} '
+            f'{row["tokens_per_sec"]:.0f} tok/s', flush=True)
+    self.host_seconds += time.perf_counter() - now  # the row's own work, after the wait for its step
+
+  def _save(self, state: TrainState) -> None:
+    """Checkpoints the state after self.step, with the data position after the last batch trained on. The step's
+    loss is checked first (a blocking fetch, as the save's own copy is), so a non-finite update is never saved."""
+    if self.latest is not None and self.checked != self.step:
+      self._check_finite(self.step, float(jax.device_get(self.latest[1]['loss'])))
+    self.checkpointer.save(self.step, state, self.feed.iterator_state(), {'step': self.step, 'versions': {
+        'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__}})
+    self.last_saved = self.step
+
+  def _evaluate(self, state: TrainState) -> None:
+    """Held-out statistics of every exit over train.eval_batches batches of train.batch_size sequences (the
+    same sequences at every evaluation), each run as grad_accum_steps microbatches of the train step's size: the
+    eval step needs no more memory than the train step. Writes (and prints) the held-out row."""
+    run, t = self.setup, self.t
+    if run.prepared.heldout is None:
+      return
+    micro = eval_batch_size(self.config)
+    outputs = []
+    batches = loader.dataset(run.prepared.heldout, t.seq_len, t.batch_size, shuffle=False, repeat=False)
+    for i, batch in enumerate(batches):
       if i >= t.eval_batches:
         break
-      with jax.set_mesh(mesh):
-        out = jax.device_get(eval_fn(state['params'], loader.to_global_array(batch, mesh)))
-      totals = out if totals is None else jax.tree.map(np.add, totals, out)
-    if totals is None:
-      return None
-    return metrics_writer.write({'split': 'heldout', 'step': step, **summarize_exits(totals)})
-
-  def save(step: int) -> None:
-    checkpointer.save(step, state, iterator, {'step': step, 'versions': {
-        'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__}})
-
-  status, last_row, step, last_saved = 'finished', None, start, start
-  last_log = (time.perf_counter(), start)
-  progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
-                  disable=not (is_main and config.logging.progress_bar),
-                  mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
-  try:
-    with _StopRequest() as stop:
-      while step < t.steps:
-        if stop.agreed():
-          status = 'preempted'
-          break
-        host_batch = next(iterator)
-        with jax.set_mesh(mesh):
-          state, metrics = compiled(state, loader.to_global_array(host_batch, mesh), jnp.int32(step))
-        step += 1
-        if step % t.log_every == 0 or step == t.steps:
-          metrics = jax.device_get(metrics)
-          now = time.perf_counter()
-          step_time, last_log = (now - last_log[0]) / (step - last_log[1]), (now, step)
-          if not math.isfinite(float(metrics['loss'])):
-            raise NonFiniteLoss(f'non-finite loss ({float(metrics["loss"])}) at step {step}; stopped without '
-                                f'saving: the last good checkpoint is step {checkpointer.latest_step()}')
-          last_row = metrics_writer.write({
-              'step': step, 'loss': metrics['loss'], 'ce_last': metrics['ce_last'], 'exit_ce': metrics['exit_ce'],
-              'grad_norm': metrics['grad_norm'], 'learning_rate': float(lr_schedule(step - 1)),
-              'tokens_per_sec': float(metrics['tokens']) / step_time, 'step_time': step_time,
-              'mfu': flops_per_step / step_time / peak})
-          progress.set_postfix(loss=f'{last_row["loss"]:.3f}', ce_last=f'{last_row["ce_last"]:.3f}',
-                               tok_s=f'{last_row["tokens_per_sec"]:.0f}', refresh=False)
-          if progress.disable and is_main:
-            print(f'step {step}/{t.steps} loss {last_row["loss"]:.4f} ce_last {last_row["ce_last"]:.4f} '
-                  f'{last_row["tokens_per_sec"]:.0f} tok/s', flush=True)
-        progress.update(1)
-        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-          row = evaluate(step)
-          if row is not None and is_main:
-            progress.write(_eval_line(row))
-          last_log = (time.perf_counter(), step)  # evaluation time is not step time
-        if step % config.checkpoint.every_steps == 0 and step < t.steps:
-          save(step)
-          last_saved = step
-      if status == 'finished':
-        row = evaluate(step)
-        if row is not None and is_main:
-          progress.write(_eval_line(row))
-      if last_saved != step:
-        save(step)
-      checkpointer.wait()
-  finally:
-    progress.close()
-    checkpointer.close()
-    metrics_writer.close()
-  if is_main:
-    print(f'{status} at step {step}; checkpoint {checkpointer.directory / str(step)}')
-  return {'step': step, 'status': status, 'last_row': last_row}
+      for m in range(t.grad_accum_steps):
+        rows = {k: v[m * micro:(m + 1) * micro] for k, v in batch.items()}
+        outputs.append(self.steps.eval(state.params, loader.to_global_array(rows, run.mesh)))
+    if not outputs:
+      return
+    outputs = jax.device_get(outputs)  # once, after every microbatch is queued
+    totals = outputs[0]
+    for out in outputs[1:]:
+      totals = jax.tree.map(np.add, totals, out)
+    row = self.metrics_writer.write({'split': 'heldout', 'step': self.step, **summarize_exits(totals)})
+    if run.is_main:
+      self.progress.write(_eval_line(row))
 
 
 def summarize_exits(totals: dict[str, np.ndarray]) -> dict[str, Any]:
