@@ -177,6 +177,21 @@ def test_sample_keep_skips_layer_for_that_sequence_only(small_model, small_confi
   _close(hidden[-1, :1], x_ref, 1e-5)
 
 
+def test_collect_layers_returns_those_layers_outputs(small_model, small_config):
+  """The training step's exit buffer: the outputs of the chosen layers only (any order), under dropout masks too."""
+  tokens = _tokens()
+  positions = default_positions(tokens)
+  x0 = small_model.embed(tokens)
+  keep = jnp.ones((small_config.num_hidden_layers, 2), bool).at[1, 0].set(False)
+  x_all, every = small_model.run_layers(x0, positions, sample_keep=keep, collect=True)
+  chosen = jnp.asarray([2, 0], jnp.int32)
+  x_some, some = jax.jit(lambda x, c: small_model.run_layers(x, positions, sample_keep=keep, collect_layers=c))(
+      x0, chosen)
+  assert some.shape == (2, *x0.shape)
+  _close(some, every[np.asarray(chosen)], 1e-6)
+  _close(x_some, x_all, 1e-6)
+
+
 def test_layer_keep_skips_with_a_conditional(small_model, small_config):
   tokens = _tokens()
   positions = default_positions(tokens)

@@ -141,23 +141,21 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
         depth_schedule=cfg.depth_schedule, time_schedule=cfg.time_schedule, mode=cfg.dropout_mode)
   num_early = max_supervised_exits(num_layers, cfg.total_steps, cfg.curriculum, cfg.rotation_period,
                                    cfg.e_scale) - 1  # the last exit is always supervised, on its own
+  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale)
+  chosen_weights, chosen = jax.lax.top_k(weights[:-1], max(num_early, 1))  # every active early exit, then zeros
   x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'),
-                                    layer_keep=layer_keep, sample_keep=sample_keep, collect=num_early > 0)
+                                    layer_keep=layer_keep, sample_keep=sample_keep,
+                                    collect_layers=chosen if num_early > 0 else None)
 
   tokens = jnp.sum(mask)
   denominator = jnp.maximum(tokens, 1.0)
   with jax.named_scope('last_exit_loss'):
     ce_last = cross_entropy_sum(model, x_last, targets, mask, cfg.ce_chunk_len) / denominator
-  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale)
   loss = weights[-1] * ce_last
   exit_ce = jnp.full((num_layers,), jnp.nan, jnp.float32).at[-1].set(ce_last)
 
   if num_early > 0:
-    early_weights = weights[:-1]
-    chosen_weights, chosen = jax.lax.top_k(early_weights, num_early)  # every active early exit, then zeros
-
-    def exit_ce_of(layer):
-      h = hidden[layer]  # x_{layer+1}: the output of layer `layer`
+    def exit_ce_of(layer, h):  # h = x_{layer+1}: the output of layer `layer`
       y, m = targets, mask
       subset = _exit_token_subset(cfg, seq, step, microbatch, layer)
       if subset is not None:
@@ -168,7 +166,7 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
     # weights included, which cost 1.5x the train step's memory on a 24-layer model; plain iterations keep the
     # loop-invariant weights out of the stack (1.08x).
     with jax.named_scope('early_exit_loss'):
-      _, early_ce = jax.lax.scan(lambda _, layer: (None, exit_ce_of(layer)), None, chosen)
+      _, early_ce = jax.lax.scan(lambda _, xs: (None, exit_ce_of(*xs)), None, (chosen, hidden))
     loss = loss + jnp.sum(chosen_weights * early_ce)
     exit_ce = exit_ce.at[chosen].set(jnp.where(chosen_weights > 0, early_ce, jnp.nan))
 
