@@ -140,6 +140,17 @@ def test_two_processes_match_one_process(tmp_path, cache_dir, reference):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
 
 
+def test_a_workdir_resumes_under_another_attention_kernel(tmp_path, cache_dir):
+  """How the model computes may change on resume (workdirs started when attention_impl defaulted to 'xla' resume
+  with 'auto'); the architecture may not (test_faults_are_clear)."""
+  workdir = tmp_path / 'run'
+  _run(workdir, cache_dir, '--config.train.steps=4', '--config.model.attention_impl=xla',
+       '--config.model.remat_policy=none')
+  resumed = _run(workdir, cache_dir, '--config.train.steps=6')
+  assert 'resumed from' in resumed.stdout
+  assert [r['step'] for r in _rows(workdir)] == list(range(1, 7))
+
+
 def test_faults_are_clear(tmp_path, cache_dir, reference):
   bad = _run(tmp_path / 'nan', cache_dir, '--config.train.learning_rate=1e12', '--config.train.grad_clip_norm=0',
              '--config.train.warmup_steps=0', check=False)

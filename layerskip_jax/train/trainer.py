@@ -43,6 +43,7 @@ from layerskip_jax.data import loader
 from layerskip_jax.data.cache import PreparedData, ensure_prepared
 from layerskip_jax.errors import UsageError
 from layerskip_jax.model import ModelConfig
+from layerskip_jax.model.model_config import NUMERICS_FIELDS
 from layerskip_jax.train.checkpointing import Checkpointer
 from layerskip_jax.train.metrics import MetricsWriter, train_flops_per_token
 from layerskip_jax.train.optimizer import learning_rate_schedule
@@ -116,9 +117,12 @@ def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path)
     return
   saved = config_lib.from_json(saved_path)
   for section in ('model', 'layerskip'):
-    if saved[section] != config[section]:
-      differing = [k for k in config[section].keys() if saved[section][k] != config[section][k]]
-      key = differing[0] if differing else '?'
+    # How the model computes may change on resume (attention kernel, remat, compute dtype: a workdir started
+    # before attention_impl defaulted to 'auto' resumes); what it computes and the stored state's dtype may not.
+    free = set(NUMERICS_FIELDS) - {'param_dtype'} if section == 'model' else set()
+    differing = [k for k in config[section].keys() if k not in free and saved[section][k] != config[section][k]]
+    if differing:
+      key = differing[0]
       raise UsageError(f'--workdir={workdir}: was started with {section}.{key}={saved[section][key]!r}, not '
                        f'{config[section][key]!r}; resume with the same config or use a new workdir')
 
