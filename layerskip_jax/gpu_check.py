@@ -62,18 +62,17 @@ def train_check(name: str, smoke: bool, objective: dict[str, Any], steps: int, p
   from layerskip_jax import sharding
   from layerskip_jax.model import ModelConfig
   from layerskip_jax.train.metrics import train_flops_per_token
-  from layerskip_jax.train.state import compile_steps, init_state
+  from layerskip_jax.train.state import compile_steps, init_state, peak_bytes
   from layerskip_jax.train.step import synthetic_batch
   mesh = sharding.single_device_mesh()
   best, batch = None, 1
   while True:
     config = _config(name, smoke, {**objective, 'train.batch_size': batch})
     compiled = compile_steps(config, mesh, with_eval=False)
-    m = compiled.train.memory_analysis()
-    peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    peak = peak_bytes(compiled.train)
     if limit is not None and peak > 0.95 * limit:
       break
-    best = (config, compiled, peak, m.temp_size_in_bytes)
+    best = (config, compiled, peak, compiled.train.memory_analysis().temp_size_in_bytes)
     if limit is None or batch >= 256:
       break
     batch *= 2

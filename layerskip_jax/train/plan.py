@@ -77,7 +77,7 @@ def plan_once(config, mesh, *, with_eval: bool) -> dict[str, Any]:
   """Compiles the steps of `config` on `mesh`; returns the per-device numbers (bytes, FLOPs, compile seconds)."""
   from layerskip_jax.model import ModelConfig
   from layerskip_jax.train.metrics import train_flops_per_token
-  from layerskip_jax.train.state import compile_steps
+  from layerskip_jax.train.state import compile_steps, peak_bytes
   steps = compile_steps(config, mesh, with_eval=with_eval)
   train_mem = steps.train.memory_analysis()
   t = config.train
@@ -88,8 +88,7 @@ def plan_once(config, mesh, *, with_eval: bool) -> dict[str, Any]:
       'param_bytes': _sharded_bytes(steps.abstract_state.params),
       'opt_state_bytes': _sharded_bytes(steps.abstract_state.opt_state),
       'train_temp_bytes': int(train_mem.temp_size_in_bytes),
-      'train_peak_bytes': int(train_mem.argument_size_in_bytes + train_mem.temp_size_in_bytes
-                              + train_mem.output_size_in_bytes - train_mem.alias_size_in_bytes),
+      'train_peak_bytes': peak_bytes(steps.train),
       # forward + backward of the plain step (train_flops_per_token): XLA's cost analysis counts a scanned layer
       # once, not once per layer, so it is not used here
       'model_flops_per_device': model_flops / mesh.size,
@@ -98,8 +97,7 @@ def plan_once(config, mesh, *, with_eval: bool) -> dict[str, Any]:
   if steps.eval is not None:
     eval_mem = steps.eval.memory_analysis()
     result.update(eval_temp_bytes=int(eval_mem.temp_size_in_bytes),
-                  eval_peak_bytes=int(eval_mem.argument_size_in_bytes + eval_mem.temp_size_in_bytes
-                                      + eval_mem.output_size_in_bytes - eval_mem.alias_size_in_bytes),
+                  eval_peak_bytes=peak_bytes(steps.eval),
                   eval_compile_s=steps.eval_seconds)
   result['peak_bytes'] = max(result['train_peak_bytes'], result.get('eval_peak_bytes', 0))
   return result

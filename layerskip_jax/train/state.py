@@ -77,6 +77,13 @@ def eval_batch_size(config: config_dict.ConfigDict) -> int:
   return config.train.batch_size // config.train.grad_accum_steps
 
 
+def peak_bytes(compiled: jax.stages.Compiled) -> int:
+  """Per-device memory a compiled step needs at its peak, from XLA's memory analysis: arguments + temporaries +
+  outputs, less the outputs that reuse donated arguments (the train state)."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
 def _state_shardings(abstract_params_state: nnx.State, tx: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh) -> TrainState:
   """Parameters by the logical-axis rules; every params-shaped part of the optimizer state (Adam's moments) like
