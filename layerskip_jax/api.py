@@ -4,6 +4,10 @@
     lm = api.load('runs/tiny')                       # a training workdir or a converted checkpoint
     logits = lm.logits([[1, 15, 27]], exit_layer=4)  # g(x_4): [batch, seq, vocab], float32
     result = lm.generate(['def parse('], strategy='self_speculative', exit_layer=4, num_speculations=4)
+
+`inspect` reads what a checkpoint says about its model (config, tokenizer) without the weights, in milliseconds;
+commands check their flags against it first, so a bad value fails before the minutes a large model takes to load
+rather than after them. `load` is `inspect(...).load()`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import re
 from collections.abc import Sequence
 
 import jax
@@ -23,7 +28,7 @@ from layerskip_jax import checkpoint_dir
 from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference.generate import GenerateResult, generate, uses_unstacked_layers
-from layerskip_jax.model import Transformer
+from layerskip_jax.model import ModelConfig, Transformer
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -82,8 +87,83 @@ class LoadedModel:
                     top_k=top_k, top_p=top_p, seed=seed, layer_params=self._layer_params, **options)
 
 
-def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
-  """A model from a checkpoint directory (DIR or DIR/checkpoints/<step>), with its tokenizer if it has one."""
-  config, model, ckpt = checkpoint_dir.restore_model(path, mesh)
-  tokenizer = tokenizer_lib.load(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-  return LoadedModel(config=config, model=model, tokenizer=tokenizer, checkpoint=ckpt)
+_TOKEN_IDS = re.compile(r'-?[0-9]+(?:\s+-?[0-9]+)*')
+
+
+def token_ids(text: str) -> list[int] | None:
+  """A prompt of whitespace-separated integers as token ids (interfaces.md: such a prompt is ids, never text);
+  None for text."""
+  stripped = text.strip()
+  return [int(t) for t in stripped.split()] if _TOKEN_IDS.fullmatch(stripped) else None
+
+
+def check_token_ids(where: str, ids: Sequence[int], vocab_size: int) -> None:
+  """Raises UsageError `where: ...` naming the first id outside the model's vocabulary [0, vocab_size)."""
+  bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+  if bad is not None:
+    raise UsageError(f'{where}: token id {bad} is outside the model\'s vocabulary (0..{vocab_size - 1}); give ids in '
+                     'that range')
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+  """A resolved checkpoint directory, its config and its tokenizer; the weights not read yet."""
+  checkpoint: checkpoint_dir.CheckpointDir
+  config: config_dict.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer | None
+  path: str  # as given, for messages
+  flag: str  # the flag that gave it: --ckpt, --compare
+
+  @property
+  def model_config(self) -> ModelConfig:
+    return ModelConfig.from_config(self.config.model)
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.model.num_hidden_layers
+
+  @property
+  def named(self) -> str:
+    """'--ckpt=DIR', for messages."""
+    return f'{self.flag}={self.path}'
+
+  def prompt_ids(self, prompt: str, flag: str) -> list[int]:
+    """A prompt given on the command line (`flag`) as token ids: a line of integers is ids, text is encoded with BOS
+    (it needs the tokenizer); checked against the vocabulary and the positions. Errors name `flag`."""
+    if not prompt.strip():
+      raise UsageError(f'{flag}={prompt!r}: empty; give text (or space-separated token ids)')
+    ids = token_ids(prompt)
+    if ids is None:
+      if self.tokenizer is None:
+        raise UsageError(f'{flag}={prompt!r}: {self.named} has no tokenizer, so the prompt must be space-separated '
+                         'token ids')
+      ids = self.tokenizer.encode(prompt, add_bos=True)
+    check_token_ids(f'{flag}={prompt!r}', ids, self.config.model.vocab_size)
+    positions = self.config.model.max_position_embeddings
+    if len(ids) > positions:
+      raise UsageError(f'{flag}: {len(ids)} tokens, more than model.max_position_embeddings={positions} of '
+                       f'{self.named}; shorten it')
+    return ids
+
+  def load(self, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+    """Reads the weights (onto `mesh`, default device 0)."""
+    config, model, ckpt = checkpoint_dir.restore_model(self.path, mesh, flag=self.flag)
+    return LoadedModel(config=config, model=model, tokenizer=self.tokenizer, checkpoint=ckpt)
+
+
+def inspect(path: str | pathlib.Path, flag: str = '--ckpt') -> CheckpointInfo:
+  """The checkpoint directory (DIR or DIR/checkpoints/<step>) resolved, its config and tokenizer read; errors are one
+  line naming `flag` (the flag the user gave it with)."""
+  ckpt = checkpoint_dir.resolve(path, flag)
+  config = ckpt.read_config(flag)
+  try:
+    tokenizer = tokenizer_lib.load(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+  except UsageError as e:
+    raise UsageError(f'{flag}={path}: {e}') from None
+  return CheckpointInfo(checkpoint=ckpt, config=config, tokenizer=tokenizer, path=str(path), flag=flag)
+
+
+def load(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, *, flag: str = '--ckpt') -> LoadedModel:
+  """A model from a checkpoint directory (DIR or DIR/checkpoints/<step>), with its tokenizer if it has one. Errors
+  name `flag`."""
+  return inspect(path, flag).load(mesh)

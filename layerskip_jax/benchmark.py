@@ -16,6 +16,7 @@ import json
 import pathlib
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,40 +25,85 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from layerskip_jax import api, cli
+from layerskip_jax import api, cli, outputs
 from layerskip_jax.data.sources import open_source
-from layerskip_jax.errors import UsageError
+from layerskip_jax.errors import UsageError, describe_json
+from layerskip_jax.inference.cache import check_length
 from layerskip_jax.inference.decode import STRATEGIES
 
+_JSONL_EXAMPLE = '{"prompt": "def f(x):"} or {"prompt": [1, 15, 27]}'
 
-def read_prompts(path: str, tokenizer) -> list:
+
+def _jsonl_prompt(where: str, line: str) -> str | list[int]:
+  """The prompt of one JSONL record: a non-empty string or list of integer ids."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UsageError(f'{where}: not JSON ({e.msg}, column {e.colno}); each line of a .jsonl prompt file is an object '
+                     f'like {_JSONL_EXAMPLE}') from None
+  if not isinstance(record, dict):
+    raise UsageError(f'{where}: {describe_json(record)}, not an object; each line of a .jsonl prompt file is an object '
+                     f'like {_JSONL_EXAMPLE}')
+  if 'prompt' not in record:
+    fields = ', '.join(sorted(record)) or 'none'
+    raise UsageError(f'{where}: the record has no "prompt" field (its fields: {fields}); add one: text or a list of '
+                     'token ids')
+  prompt = record['prompt']
+  if isinstance(prompt, str):
+    if not prompt.strip():
+      raise UsageError(f'{where}: "prompt" is empty; give text (or token ids), or remove the line')
+    return prompt
+  if not isinstance(prompt, list):
+    raise UsageError(f'{where}: "prompt" is {describe_json(prompt)}; give text (a string) or a list of token ids')
+  if not prompt:
+    raise UsageError(f'{where}: "prompt" is an empty list; give at least one token id, or remove the line')
+  for i, token in enumerate(prompt):
+    if not isinstance(token, int) or isinstance(token, bool):
+      raise UsageError(f'{where}: "prompt" item {i} is {json.dumps(token)}, not a token id; give a list of integers')
+  return prompt
+
+
+def read_prompts(path: str, tokenizer, vocab_size: int | None = None, *, flag: str = '--prompts') -> list:
   """interfaces.md prompt files: a line of whitespace-separated integers is token ids, other lines are text; or
-  JSONL with a `prompt` field (a string or a list of ids)."""
+  JSONL (a .jsonl file) with a `prompt` field (a string or a list of ids). Blank lines are skipped. Every line is
+  checked (UTF-8, the record, the ids against `vocab_size` when given) and a bad one is an error naming the file and
+  line."""
   file = pathlib.Path(path).expanduser()
+  if file.is_dir():
+    raise UsageError(f'{flag}={path}: is a directory; give a prompt file')
   if not file.is_file():
-    raise UsageError(f'--prompts={path}: no such file')
+    raise UsageError(f'{flag}={path}: no such file')
+  try:
+    data = file.read_bytes()
+  except OSError as e:
+    raise UsageError(f'{flag}={path}: cannot be read ({outputs.describe_os_error(e)})') from None
   prompts = []
-  for number, line in enumerate(file.read_text().splitlines(), start=1):
+  for number, raw in enumerate(data.splitlines(), start=1):
+    where = f'{path}:{number}'
+    try:
+      line = raw.decode('utf-8-sig' if number == 1 else 'utf-8')  # a byte-order mark (Windows editors) is not text
+    except UnicodeDecodeError as e:
+      raise UsageError(f'{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the '
+                       'file as UTF-8') from None
     if not line.strip():
       continue
-    if path.endswith('.jsonl'):
-      try:
-        prompt = json.loads(line)['prompt']
-      except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f'{path}:{number}: expected a JSON object with a "prompt" field') from None
-    elif all(part.isdigit() for part in line.split()):
-      prompt = [int(part) for part in line.split()]
-    else:
-      prompt = line
-    if isinstance(prompt, str) and tokenizer is None:
-      raise UsageError(f'{path}:{number}: text prompt, but the checkpoint has no tokenizer; give token ids')
-    prompts.append(tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt])
+    prompt = _jsonl_prompt(where, line) if str(path).endswith('.jsonl') else api.token_ids(line) or line
+    if isinstance(prompt, str):
+      if tokenizer is None:
+        raise UsageError(f'{where}: text prompt, but the checkpoint has no tokenizer; give token ids')
+      prompt = tokenizer.encode(prompt)
+    if vocab_size is not None:
+      api.check_token_ids(where, prompt, vocab_size)
+    prompts.append([int(t) for t in prompt])
   if not prompts:
-    raise UsageError(f'--prompts={path}: no prompts')
+    raise UsageError(f'{flag}={path}: no prompts (the file is empty or blank)')
   return prompts
 
 
-def source_prompts(lm: api.LoadedModel, source: str, split: str, count: int, length: int) -> list[list[int]]:
+def source_prompts(lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, count: int,
+                   length: int) -> list[list[int]]:
+  """`count` prompts of `length` tokens: the first tokens of the source's documents that have that many (needs only
+  the tokenizer: an api.CheckpointInfo will do)."""
   if lm.tokenizer is None:
     raise UsageError(f'--source={source}: the checkpoint has no tokenizer; use --prompts with token ids')
   prompts = []
@@ -67,7 +113,59 @@ def source_prompts(lm: api.LoadedModel, source: str, split: str, count: int, len
       prompts.append(ids[:length])
     if len(prompts) == count:
       return prompts
-  raise UsageError(f'--source={source}: fewer than {count} documents of {length} tokens')
+  raise UsageError(f'--source={source}: fewer than {count} documents of {length} tokens in its {split!r} split; '
+                   'lower --num_prompts or --prompt_len')
+
+
+def parse_integers(flag: str, values: Sequence[str]) -> list[int]:
+  """A comma-separated list flag's integers; UsageError naming the flag and the value that is not one."""
+  result = []
+  for value in values:
+    try:
+      result.append(int(value.strip()))
+    except ValueError:
+      raise UsageError(f'{flag}={",".join(values)}: {value!r} is not an integer; give comma-separated integers, '
+                       'e.g. 2,4,6') from None
+  return result
+
+
+def check_sweep(num_layers: int, *, strategies: Sequence[str], exit_layers: Sequence[int],
+                num_speculations: Sequence[int], batch_sizes: Sequence[int], max_new_tokens: int, repeats: int,
+                num_prompts: int | None = None, prefix: str = '') -> None:
+  """Every value of a sweep, before any work: UsageError naming the one value that is wrong and what is allowed.
+  `prefix` goes before the names ('--': the command's flags; '' for run_benchmark's arguments)."""
+  def values(name: str, items: Sequence) -> str:
+    return f'{prefix}{name}={",".join(map(str, items))}'
+
+  if not strategies:
+    raise UsageError(f'{prefix}strategies: empty; give one or more of {", ".join(STRATEGIES)}')
+  for s in strategies:
+    if s not in STRATEGIES:
+      raise UsageError(f'{values("strategies", strategies)}: {s!r} is not a strategy; choose from '
+                       f'{", ".join(STRATEGIES)}')
+  uses_e = {'early_exit', 'self_speculative'} & set(strategies)
+  for name, items, low, high, meaning in (
+      ('exit_layers', exit_layers, 1, num_layers - 1,
+       f'E counts the layers run; the model has {num_layers}, and E = {num_layers} would be the whole model'),
+      ('num_speculations', num_speculations, 1, None, 'd is the drafts per self-speculative round'),
+      ('batch_sizes', batch_sizes, 1, num_prompts,
+       f'there are {num_prompts} prompts' if num_prompts is not None else 'rows per batch')):
+    needed = {'exit_layers': uses_e, 'num_speculations': 'self_speculative' in strategies,
+              'batch_sizes': True}[name]
+    if not needed:  # e.g. the default --exit_layers with --strategies=autoregressive: not used, not checked
+      continue
+    if not items:
+      raise UsageError(f'{prefix}{name}: empty; give one or more comma-separated integers')
+    for item in items:
+      if item < low or (high is not None and item > high):
+        allowed = f'{low}..{high}' if high is not None else f'at least {low}'
+        raise UsageError(f'{values(name, items)}: {item} is out of range: must be {allowed} ({meaning})')
+      if list(items).count(item) > 1:
+        raise UsageError(f'{values(name, items)}: {item} is given twice; give each value once')
+  if max_new_tokens < 1:
+    raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: must be at least 1')
+  if repeats < 1:
+    raise UsageError(f'{prefix}repeats={repeats}: must be at least 1 (timed runs per setting)')
 
 
 def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
@@ -162,12 +260,9 @@ def best_setting(settings: list[dict], batch: int) -> dict | None:
 
 
 def _plot(path: str, settings: list[dict], batch: int) -> None:
-  try:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise UsageError('--plot needs matplotlib (pip install -r requirements-dev.txt)') from None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
   spec = [s for s in settings if s['strategy'] == 'self_speculative' and s['batch_size'] == batch]
   es, ds = sorted({s['exit_layer'] for s in spec}), sorted({s['num_speculations'] for s in spec})
   grid = np.full((len(es), len(ds)), np.nan)
@@ -184,26 +279,23 @@ def _plot(path: str, settings: list[dict], batch: int) -> None:
          title=f'self-speculative speed-up over autoregressive, batch {batch}')
   fig.colorbar(im)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  outputs.save_figure(fig, path, dpi=120)
 
 
 def run_benchmark(lm: api.LoadedModel, prompts: list[list[int]], *, strategies, exit_layers, num_speculations,
                   batch_sizes, max_new_tokens, repeats) -> dict[str, Any]:
-  unknown = [s for s in strategies if s not in STRATEGIES]
-  if unknown:
-    raise UsageError(f'--strategies: {unknown[0]!r} is not one of {", ".join(STRATEGIES)}')
-  d_max = max(num_speculations)
+  check_sweep(lm.num_layers, strategies=strategies, exit_layers=exit_layers, num_speculations=num_speculations,
+              batch_sizes=batch_sizes, max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=len(prompts))
+  d_max = max(num_speculations, default=1)
   settings = []
   for batch_size in batch_sizes:
-    if batch_size > len(prompts):
-      raise UsageError(f'--batch_sizes={batch_size}: more than the {len(prompts)} prompts')
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts) - batch_size + 1, batch_size)]
     common = dict(max_new_tokens=max_new_tokens, max_speculations=d_max)
     ar = _timed(lm, batches, repeats, strategy='autoregressive', **common)
     plan = [('autoregressive', None, None)] if 'autoregressive' in strategies else []
     plan += [('early_exit', e, None) for e in exit_layers if 'early_exit' in strategies]
     plan += [('self_speculative', e, d) for e in exit_layers for d in num_speculations
-             if 'self_speculative' in strategies and e < lm.num_layers]
+             if 'self_speculative' in strategies]
     for strategy, e, d in plan:
       r = ar if strategy == 'autoregressive' else _timed(lm, batches, repeats, strategy=strategy, exit_layer=e,
                                                          num_speculations=d or 1, **common)
@@ -215,26 +307,42 @@ def run_benchmark(lm: api.LoadedModel, prompts: list[list[int]], *, strategies, 
   return {'settings': settings, 'best': {str(b): best_setting(settings, b) for b in batch_sizes}}
 
 
-def main(args: cli.Args) -> None:
-  f = flags.FLAGS
+def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
+  f = flags.FLAGS if f is None else f
   if not f.ckpt:
     raise UsageError('--ckpt is required')
   if bool(f.prompts) == bool(f.source):
     raise UsageError('give exactly one of --prompts FILE and --source NAME')
-  lm = api.load(f.ckpt)
-  prompts = (read_prompts(f.prompts, lm.tokenizer) if f.prompts
-             else source_prompts(lm, f.source, f.split, f.num_prompts, f.prompt_len))
-  try:
-    exit_layers, speculations, batch_sizes = ([int(v) for v in values] for values in (
-        f.exit_layers, f.num_speculations, f.batch_sizes))
-  except ValueError:
-    raise UsageError('--exit_layers, --num_speculations and --batch_sizes take comma-separated integers') from None
+  # Outputs, flags, the checkpoint's config and the prompts are checked before the weights are read or anything
+  # is timed: a sweep takes minutes to hours, and its last step must not be the one that fails.
+  # Beside the checkpoint's files is fine (launch/local.sh writes RUN/benchmark.json), over them is not.
+  info = api.inspect(f.ckpt)
+  inputs = {'--prompts': f.prompts, '--ckpt': info.checkpoint.parts}
+  json_path = outputs.check_file('--json', f.json, inputs=inputs)
+  plot_path = outputs.check_plot('--plot', f.plot, inputs=inputs, others={'--json': f.json})
+  strategies = [s.strip() for s in f.strategies]
+  exit_layers, speculations, batch_sizes = (parse_integers(flag, values) for flag, values in (
+      ('--exit_layers', f.exit_layers), ('--num_speculations', f.num_speculations),
+      ('--batch_sizes', f.batch_sizes)))
+  if plot_path and 'self_speculative' not in strategies:
+    raise UsageError(f'--plot={f.plot}: draws the self-speculative speed-up over (E, d); add self_speculative to '
+                     '--strategies, or leave out --plot')
+  for name, value in (('--num_prompts', f.num_prompts), ('--prompt_len', f.prompt_len)):
+    if value < 1:
+      raise UsageError(f'{name}={value}: must be at least 1')
+  sweep = dict(strategies=strategies, exit_layers=exit_layers, num_speculations=speculations,
+               batch_sizes=batch_sizes, max_new_tokens=f.max_new_tokens, repeats=f.repeats)
+  check_sweep(info.num_layers, **sweep, prefix='--')
+  prompts = (read_prompts(f.prompts, info.tokenizer, info.config.model.vocab_size) if f.prompts
+             else source_prompts(info, f.source, f.split, f.num_prompts, f.prompt_len))
+  check_sweep(info.num_layers, **sweep, num_prompts=len(prompts), prefix='--')
+  d_max = max(speculations) if 'self_speculative' in strategies else 0
+  check_length(info.model_config, max(map(len, prompts)), f.max_new_tokens, d_max, prefix='--')
+  lm = info.load()
   report = {'ckpt': str(lm.checkpoint.root), 'backend': jax.default_backend(), 'num_layers': lm.num_layers,
             'num_prompts': len(prompts), 'max_new_tokens': f.max_new_tokens, 'repeats': f.repeats,
             'date': time.strftime('%Y-%m-%d')}
-  report.update(run_benchmark(lm, prompts, strategies=f.strategies, exit_layers=exit_layers,
-                              num_speculations=speculations, batch_sizes=batch_sizes,
-                              max_new_tokens=f.max_new_tokens, repeats=f.repeats))
+  report.update(run_benchmark(lm, prompts, **sweep))
   report['floor_ms_per_token'] = 1e3 * weight_matmul_floor(lm)
   print(f'{"strategy":>17} {"B":>2} {"E":>2} {"d":>2} {"ms/token":>9} {"tok/s":>8} {"prefill ms":>10} '
         f'{"accept":>7} {"speed-up":>8} {"agree":>6}')
@@ -259,32 +367,37 @@ def main(args: cli.Args) -> None:
     else:
       for name, r in report['hf'].items():
         print(f'transformers {name}: {r["ms_per_token"]:.3f} ms/token')
-  if f.json:
-    pathlib.Path(f.json).write_text(json.dumps(report, indent=2))
+  if json_path:
+    outputs.write_text(json_path, json.dumps(report, indent=2))
     print(f'wrote {f.json}')
-  if f.plot:
-    _plot(f.plot, report['settings'], batch_sizes[0])
+  if plot_path:
+    _plot(plot_path, report['settings'], batch_sizes[0])
     print(f'wrote {f.plot}')
 
 
-def define_flags() -> None:
-  """The command line's flags (defined only when it runs: the modules are imported by tests and notebooks)."""
-  flags.DEFINE_string('ckpt', None, 'checkpoint directory')
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags (defined only when it runs: the modules are imported by tests and notebooks, and tests
+  define them on their own FlagValues)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('ckpt', None, 'checkpoint directory', **fv)
   flags.DEFINE_string('prompts', None, 'prompt file: one prompt per line (a line of integers = token ids), or JSONL '
-                      'with a "prompt" field (string or list of ids)')
-  flags.DEFINE_string('source', None, 'take prompts from the documents of this source instead (e.g. python_stdlib)')
-  flags.DEFINE_string('split', 'heldout', 'split of --source')
-  flags.DEFINE_integer('num_prompts', 4, 'prompts taken from --source')
-  flags.DEFINE_integer('prompt_len', 64, 'tokens per prompt taken from --source')
-  flags.DEFINE_list('strategies', list(STRATEGIES), 'strategies to run')
-  flags.DEFINE_list('exit_layers', ['2', '4', '6'], 'E values (early exit and self-speculative)')
-  flags.DEFINE_list('num_speculations', ['2', '4', '6'], 'd values (self-speculative)')
-  flags.DEFINE_list('batch_sizes', ['1'], 'batch sizes')
-  flags.DEFINE_integer('max_new_tokens', 64, 'tokens generated per prompt')
-  flags.DEFINE_integer('repeats', 3, 'timed runs per setting (median)')
-  flags.DEFINE_bool('hf', False, 'also time transformers generate (plain and assistant_early_exit) on the same weights')
-  flags.DEFINE_string('json', None, 'write the results here')
-  flags.DEFINE_string('plot', None, 'draw the speed-up heatmap over (E, d) at the first batch size into this PNG')
+                      'with a "prompt" field (string or list of ids)', **fv)
+  flags.DEFINE_string('source', None, 'take prompts from the documents of this source instead (e.g. python_stdlib)',
+                      **fv)
+  flags.DEFINE_string('split', 'heldout', 'split of --source', **fv)
+  flags.DEFINE_integer('num_prompts', 4, 'prompts taken from --source', **fv)
+  flags.DEFINE_integer('prompt_len', 64, 'tokens per prompt taken from --source', **fv)
+  flags.DEFINE_list('strategies', list(STRATEGIES), 'strategies to run', **fv)
+  flags.DEFINE_list('exit_layers', ['2', '4', '6'], 'E values (early exit and self-speculative)', **fv)
+  flags.DEFINE_list('num_speculations', ['2', '4', '6'], 'd values (self-speculative)', **fv)
+  flags.DEFINE_list('batch_sizes', ['1'], 'batch sizes', **fv)
+  flags.DEFINE_integer('max_new_tokens', 64, 'tokens generated per prompt', **fv)
+  flags.DEFINE_integer('repeats', 3, 'timed runs per setting (median)', **fv)
+  flags.DEFINE_bool('hf', False, 'also time transformers generate (plain and assistant_early_exit) on the same '
+                    'weights', **fv)
+  flags.DEFINE_string('json', None, 'write the results here', **fv)
+  flags.DEFINE_string('plot', None, 'draw the speed-up heatmap over (E, d) at the first batch size into this PNG '
+                      '(or .pdf, .svg)', **fv)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from layerskip_jax.errors import UsageError
+from layerskip_jax.errors import UsageError, one_line
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 CONFIG_FILE_NAME = 'layerskip_config.json'
@@ -122,7 +122,7 @@ def _run_config_file(path: pathlib.Path) -> config_dict.ConfigDict:
   except KeyError:
     raise ConfigError(f'--config={path}: the file defines no get_config() function') from None
   except (AttributeError, TypeError, ValueError) as e:  # a preset setting an unknown key or a wrongly typed value
-    raise ConfigError(f'--config={path}: {_one_line(e)}') from None
+    raise ConfigError(f'--config={path}: {one_line(e)}') from None
   if not isinstance(config, config_dict.ConfigDict):
     raise ConfigError(f'--config={path}: get_config() returned {type(config).__name__}, expected a ConfigDict')
   return config
@@ -226,10 +226,6 @@ def _get(config: config_dict.ConfigDict, key: str) -> Any:
   for part in key.split('.'):
     node = node[part]
   return node
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split())
 
 
 def validate(config: config_dict.ConfigDict) -> None:
@@ -336,11 +332,16 @@ def from_json(path: str | pathlib.Path) -> config_dict.ConfigDict:
   path = pathlib.Path(path)
   try:
     data = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f'{path}: not a readable layerskip config ({_one_line(e)})') from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f'{path}: not a readable layerskip config ({one_line(e)}); restore it from a copy') from None
+  if not isinstance(data, dict):
+    raise ConfigError(f'{path}: a JSON {type(data).__name__}, not a layerskip config object; restore it from a copy')
   config = base_config()
-  apply_overrides(config, dict(_flatten(data)))
-  validate(config)
+  try:
+    apply_overrides(config, dict(_flatten(data)))
+    validate(config)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
   return config
 
 

@@ -14,13 +14,12 @@ and this package is imported (no data pipeline: synthetic batches). Writes one J
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any
 
 from absl import flags
 
-from layerskip_jax import cli
+from layerskip_jax import cli, outputs
 from layerskip_jax.errors import UsageError
 
 flags.DEFINE_string('config', 'llama3_2_1b', 'preset of the check (bf16 presets: the MFU is against the bf16 peak)')
@@ -123,9 +122,7 @@ def decode_check(name: str, smoke: bool, max_new: int, bandwidth_gbs: float | No
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
-  json_path = pathlib.Path(f.json)
-  if json_path.is_dir() or not json_path.absolute().parent.is_dir():
-    raise UsageError(f'--json={f.json}: not a writable file path (its folder must exist)')
+  json_path = outputs.check_file('--json', f.json) if f.json else None
   _config(f.config, f.smoke, {})  # validated before anything compiles
   import jax
   device = jax.devices()[0]
@@ -157,8 +154,9 @@ def main(args: cli.Args) -> None:
   if d['bandwidth_floor_ms']:
     print(f'weight-streaming floor {d["bandwidth_floor_ms"]:.3f} ms/token ({d["weight_bytes"] / 1e9:.2f} GB of '
           f'weights): autoregressive is {d["autoregressive_over_floor"]:.2f}x it')
-  json_path.write_text(json.dumps(report, indent=2))
-  print(f'wrote {json_path}')
+  if json_path:
+    outputs.write_text(json_path, json.dumps(report, indent=2))
+    print(f'wrote {json_path}')
 
 
 if __name__ == '__main__':

@@ -195,7 +195,7 @@ def test_missing_config_and_existing_output(tmp_path):
   with pytest.raises(UsageError, match='no config.json'):
     import_hf(tmp_path, tmp_path / 'out')
   hf_dir = _write_hf(tmp_path)
-  (tmp_path / 'out').mkdir()
+  import_hf(hf_dir, tmp_path / 'out')
   with pytest.raises(UsageError, match='already exists; pass --overwrite'):
     import_hf(hf_dir, tmp_path / 'out')
   import_hf(hf_dir, tmp_path / 'out', overwrite=True)

@@ -222,7 +222,7 @@ def test_command_lines(tmp_path, corpus):
   assert bad.returncode == 2 and 'the glob matches no files' in bad.stderr and 'Traceback' not in bad.stderr
   small = run('layerskip_jax.data.tokenizer', 'train', '--source', str(corpus), '--vocab_size', '100',
               '--out', str(tmp_path / 't.model'))
-  assert small.returncode == 2 and 'must be at least 300' in small.stderr
+  assert small.returncode == 2 and 'must be at least 261' in small.stderr
 
 
 TWO_PROCESS_ROWS = textwrap.dedent('''

@@ -16,6 +16,11 @@ it stops whatever still holds the TPU: earlier runs of the trainer (SIGTERM firs
 other processes holding /dev/accel* or /dev/vfio, and a stale /tmp/libtpu_lockfile. Running the same command
 again restarts the run from the latest checkpoint in --workdir.
 
+Before it stops anything, the trainer checks the config on worker 0 (`python -m layerskip_jax.train --dry_run`:
+the preset, every override, the workdir it would resume and train.init_from, on the CPU; it writes nothing), with
+the code being launched (with --setup: the new code, unpacked in a temporary directory). If the trainer refuses,
+the script prints its `error: ...` line and exits: the running trainer keeps running.
+
 Options:
   --tpu NAME          TPU VM name (env TPU_NAME)
   --zone ZONE         its zone (env ZONE)
@@ -33,6 +38,7 @@ Options:
   --setup             first copy this checkout to every worker (git-tracked and untracked, not ignored, files)
                       and pip install -r requirements.txt "jax[tpu]" there
   --no-cleanup        launch without stopping earlier processes first
+  --skip-validation   launch without the trainer's --dry_run check on worker 0 (env LS_SKIP_VALIDATION=1)
   --stop              only stop training on every worker and free the TPU (the trainer checkpoints on SIGTERM)
   --logs              only print the last lines of every worker's log
   --grace SECONDS     how long --stop / the cleanup waits for a SIGTERM'd trainer before SIGKILL (default 120)
@@ -102,6 +108,8 @@ grace=120
 action=train
 setup=0
 cleanup=1
+skip_validation=0
+[[ ${LS_SKIP_VALIDATION:-0} != 0 ]] && skip_validation=1
 dry_run=0
 overrides=()
 while (($#)); do
@@ -110,6 +118,7 @@ while (($#)); do
     --dry-run) dry_run=1 ;;
     --setup) setup=1 ;;
     --no-cleanup) cleanup=0 ;;
+    --skip-validation) skip_validation=1 ;;
     --stop) action=stop ;;
     --logs) action=logs ;;
     --tpu | --zone | --project | --workdir | --config | --data-cache | --repo | --python | --log-dir | --grace)
@@ -163,6 +172,7 @@ in_repo="cd $(rquote "$remote_repo") &&"  # remote commands start in the checkou
 gcloud_args=("--zone=$zone" ${project:+"--project=$project"})
 # The same command on every worker of the slice.
 on_all_workers() { run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_args[@]}" --worker=all --command="$1"; }
+on_worker0() { run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_args[@]}" --worker=0 --command="$1"; }
 run() {
   if ((dry_run)); then show "$@"; else "$@"; fi
 }
@@ -192,25 +202,6 @@ case $action in
     exit 0 ;;
 esac
 
-# Stop first: nothing may run from the files the setup replaces.
-((cleanup)) && on_all_workers "$stop_command"
-
-if ((setup)); then
-  # This checkout (committed and uncommitted files, nothing git ignores) -> every worker, then the dependencies.
-  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  tarball="${TMPDIR:-/tmp}/layerskip_jax_code_$tpu.tgz"
-  if ((dry_run)); then
-    echo "git -C $(rquote "$repo") ls-files -z --cached --others --exclude-standard |" \
-      "tar -C $(rquote "$repo") --null -T - -czf $(rquote "$tarball")"
-  else
-    git -C "$repo" ls-files -z --cached --others --exclude-standard | tar -C "$repo" --null -T - -czf "$tarball"
-  fi
-  run gcloud compute tpus tpu-vm scp "${gcloud_args[@]}" --worker=all "$tarball" "$tpu:/tmp/layerskip_jax_code.tgz"
-  install="mkdir -p $(rquote "$remote_repo") && tar -xzf /tmp/layerskip_jax_code.tgz -C $(rquote "$remote_repo")"
-  install+=" && $in_repo $(rquote "$python") -m pip install -q -r requirements.txt \"jax[tpu]\""
-  on_all_workers "$install"
-fi
-
 env_args=(PYTHONUNBUFFERED=1)
 if [[ ${LS_TUNING:-1} != 0 ]]; then
   # libtpu flags, widely used for dense LLM training on TPU (MaxText's defaults for v4 / v5). They cannot be checked
@@ -233,8 +224,110 @@ if [[ ${LS_TUNING:-1} != 0 ]]; then
   )
   env_args+=("LIBTPU_INIT_ARGS=${libtpu_flags[*]}${LIBTPU_INIT_ARGS:+ $LIBTPU_INIT_ARGS}")
 fi
-train=("$python" -m layerskip_jax.train --config "$config" --workdir "$workdir"
-       "--config.data.cache_dir=$data_cache" --config.logging.progress_bar=false "${overrides[@]}")
+trainer_args=(--config "$config" --workdir "$workdir" "--config.data.cache_dir=$data_cache"
+              --config.logging.progress_bar=false "${overrides[@]}")
+train=("$python" -m layerskip_jax.train "${trainer_args[@]}")
+
+# The trainer's own check, on worker 0 (the workdir, init_from and data live on the workers' shared filesystem),
+# on the CPU (never the TPU a running trainer holds). It writes nothing.
+check="env JAX_PLATFORMS=cpu $(rshow "$python" -m layerskip_jax.train --dry_run "${trainer_args[@]}")"
+# With --setup, the code being installed is checked before it replaces the running one: unpacked in a temporary
+# directory on worker 0 and imported from there (PYTHONPATH) with the workers' current environment, run from the
+# repo directory as the launch will be, so relative paths (train.init_from, the workdir) mean the same; a relative
+# config file is taken from the new code.
+staged_args=("${trainer_args[@]}")
+if [[ $config == *.py && $config != /* ]]; then staged_args[1]="__STAGED__/$config"; fi
+staged_command="env JAX_PLATFORMS=cpu PYTHONPATH=__STAGED__ $(rshow "$python" -m layerskip_jax.train --dry_run \
+  "${staged_args[@]}")"
+staged_command=${staged_command//__STAGED__/\$dir}
+staged_check="dir=\$(mktemp -d) && tar -xzf /tmp/layerskip_jax_code.tgz -C \"\$dir\""
+staged_check+=" && { cd $(rquote "$remote_repo") 2>/dev/null || cd \"\$dir\"; } && $staged_command;"
+staged_check+=" code=\$?; rm -rf \"\$dir\"; exit \$code"
+
+# Runs a check ($1: the remote command) on worker 0. Its `ok: ...` line passes through. When the trainer refuses,
+# prints its `error: ...` line and exits with its status. When the check could not run (no interpreter, jax or
+# layerskip_jax missing on the worker, ssh failed), returns 1 with the reason in $check_failure.
+check_failure=''
+validate() {
+  local errors reported last code=0
+  if ((dry_run)); then
+    on_worker0 "$1"
+    return 0
+  fi
+  { errors=$(on_worker0 "$1" 2>&1 >&3 3>&-); } 3>&1 || code=$?
+  ((code == 0)) && return 0
+  reported=$(grep '^error: ' <<<"$errors" || true)
+  if [[ $reported == *"flag 'dry_run'"* ]]; then
+    die "the trainer in $remote_repo on worker 0 has no --dry_run (an older checkout): update it with --setup," \
+      "or launch with --skip-validation"
+  elif [[ -n $reported ]]; then
+    echo "$reported" >&2
+    exit "$code"
+  fi
+  last=$(grep -v '^[[:space:]]*$' <<<"$errors" | tail -n 1 || true)
+  check_failure="$python -m layerskip_jax.train --dry_run on worker 0 exited with status $code${last:+: $last}"
+  return 1
+}
+
+if ((setup)); then
+  # This checkout (committed and uncommitted files, nothing git ignores) -> /tmp on every worker; unpacked and
+  # installed below, once nothing runs from the files it replaces.
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  tarball="${TMPDIR:-/tmp}/layerskip_jax_code_$tpu.tgz"
+  if ((dry_run)); then
+    echo "git -C $(rquote "$repo") ls-files -z --cached --others --exclude-standard |" \
+      "tar -C $(rquote "$repo") --null -T - -czf $(rquote "$tarball")"
+  else
+    git -C "$repo" ls-files -z --cached --others --exclude-standard | tar -C "$repo" --null -T - -czf "$tarball"
+  fi
+  run gcloud compute tpus tpu-vm scp "${gcloud_args[@]}" --worker=all "$tarball" "$tpu:/tmp/layerskip_jax_code.tgz"
+fi
+
+# Check before stopping anything: a config the trainer refuses leaves the running trainer running.
+check_after_install=0
+if ((!skip_validation)); then
+  if ((dry_run)); then
+    echo "# check the config and the workdir on worker 0 first (the trainer's --dry_run; --skip-validation skips it)"
+    if ((setup)); then
+      echo "# (if the new code cannot run there before the install and no trainer runs on worker 0: after it)"
+    fi
+  fi
+  if ((setup)); then
+    if ! validate "$staged_check"; then
+      # The new code does not run with the workers' current environment (a new VM, or new requirements): it can
+      # only be checked after the install, which stops the trainer; refused while one runs.
+      code=0
+      on_worker0 "pgrep -f $pattern > /dev/null" >/dev/null 2>&1 || code=$?
+      if ((code == 0)); then
+        die "could not check the config with the workers' current environment ($check_failure), and a trainer" \
+          "is running on worker 0: stop it first (--stop), or launch with --skip-validation"
+      elif ((code != 1)); then
+        die "could not check the config ($check_failure), nor tell whether a trainer runs on worker 0" \
+          "(ssh exited with status $code): launch again, or with --skip-validation"
+      fi
+      echo "note: could not check the config before the install ($check_failure); no trainer runs on worker 0:" \
+        "installing first, then checking"
+      check_after_install=1
+    fi
+  elif ! validate "$in_repo $check"; then
+    die "could not run the config check ($check_failure): if the workers lack the code or its requirements," \
+      "launch with --setup (or give their interpreter with --python); or launch with --skip-validation"
+  fi
+fi
+
+# Stop first: nothing may run from the files the setup replaces.
+((cleanup)) && on_all_workers "$stop_command"
+
+if ((setup)); then
+  install="mkdir -p $(rquote "$remote_repo") && tar -xzf /tmp/layerskip_jax_code.tgz -C $(rquote "$remote_repo")"
+  install+=" && $in_repo $(rquote "$python") -m pip install -q -r requirements.txt \"jax[tpu]\""
+  on_all_workers "$install"
+fi
+if ((check_after_install)) && ! validate "$in_repo $check"; then
+  die "could not run the config check after the install ($check_failure): see the pip output above, or launch" \
+    "with --skip-validation"
+fi
+
 # Detached: setsid nohup survives the end of the ssh session; stdin from /dev/null so ssh returns at once.
 launch="$in_repo mkdir -p $(rquote "$log_dir") && env $(rshow "${env_args[@]}") setsid nohup"
 launch+=" $(rshow "${train[@]}") > $(rquote "$log_dir")/train_\$(hostname).log 2>&1 < /dev/null &"

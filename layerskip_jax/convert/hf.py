@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from layerskip_jax import checkpoint_dir
+from layerskip_jax import checkpoint_dir, outputs
 from layerskip_jax import config as config_lib
 from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
@@ -160,7 +160,11 @@ class _SafetensorsReader:
   def __init__(self, hf_dir: pathlib.Path):
     index, single = hf_dir / 'model.safetensors.index.json', hf_dir / 'model.safetensors'
     if index.is_file():
-      files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+      try:
+        files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UsageError(f'{index}: not a safetensors index (a JSON object with a weight_map); download or copy it '
+                         'again') from None
     elif single.is_file():
       files = [single.name]
     else:
@@ -170,16 +174,40 @@ class _SafetensorsReader:
       path = hf_dir / name
       if not path.is_file():
         raise UsageError(f'--hf_dir={hf_dir}: shard {name} named by the index is missing')
-      with open(path, 'rb') as f:
-        header_len = int.from_bytes(f.read(8), 'little')
+      self._read_header(path)
+
+  def _read_header(self, path: pathlib.Path) -> None:
+    """Reads a safetensors header and checks it against the file: a truncated or damaged file (a copy cut short,
+    a download in progress) is refused here, naming the file, not found later as a reshape error."""
+    size = path.stat().st_size
+    damaged = f'{path}: not a complete safetensors file'
+    with open(path, 'rb') as f:
+      prefix = f.read(8)
+      header_len = int.from_bytes(prefix, 'little') if len(prefix) == 8 else -1
+      if not 0 < header_len <= size - 8:
+        raise UsageError(f'{damaged} ({size} bytes, header length {header_len}); download or copy it again')
+      try:
         header = json.loads(f.read(header_len))
-      for key, info in header.items():
-        if key == '__metadata__':
-          continue
-        if info['dtype'] not in _SAFETENSORS_DTYPES:
-          raise UsageError(f'{path}: tensor {key} has unsupported dtype {info["dtype"]}')
-        self._entries[key] = (path, np.dtype(_SAFETENSORS_DTYPES[info['dtype']]), tuple(info['shape']),
-                              8 + header_len + info['data_offsets'][0])
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f'{damaged} (its header is not JSON); download or copy it again') from None
+    if not isinstance(header, dict):
+      raise UsageError(f'{damaged} (its header is not a JSON object); download or copy it again')
+    for key, info in header.items():
+      if key == '__metadata__':
+        continue
+      try:
+        dtype, shape = info['dtype'], tuple(int(d) for d in info['shape'])
+        begin, end = (int(v) for v in info['data_offsets'])
+      except (KeyError, TypeError, ValueError):
+        raise UsageError(f'{damaged} (tensor {key} has no dtype, shape and data_offsets); download or copy it '
+                         'again') from None
+      if dtype not in _SAFETENSORS_DTYPES:
+        raise UsageError(f'{path}: tensor {key} has unsupported dtype {dtype}')
+      itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+      if end - begin != math.prod(shape) * itemsize or 8 + header_len + end > size:
+        raise UsageError(f'{damaged}: tensor {key} needs bytes {begin}..{end} after the header, the file holds '
+                         f'{size - 8 - header_len}; it is truncated: download or copy it again')
+      self._entries[key] = (path, np.dtype(_SAFETENSORS_DTYPES[dtype]), shape, 8 + header_len + begin)
 
   def names(self) -> set[str]:
     return set(self._entries)
@@ -228,13 +256,18 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite:
   the model in that dtype plus one tensor.
   """
   hf_dir = pathlib.Path(hf_dir).expanduser()
+  if hf_dir.exists() and not hf_dir.is_dir():
+    raise UsageError(f'--hf_dir={hf_dir}: is a file; give a Hugging Face model directory')
+  outputs.check_dir('--out', out, kind=outputs.CHECKPOINT, inputs={'--hf_dir': hf_dir}, overwrite=overwrite)
   config_file = hf_dir / 'config.json'
   if not config_file.is_file():
     raise UsageError(f'--hf_dir={hf_dir}: no config.json (expected a Hugging Face model directory)')
   try:
     hf = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UsageError(f'{config_file}: not valid JSON ({e})') from None
+  if not isinstance(hf, dict):
+    raise UsageError(f'{config_file}: a JSON {type(hf).__name__}, not the object of a Hugging Face config.json')
   param_dtype = param_dtype or _source_dtype(hf)
   if param_dtype not in config_lib.DTYPES:
     raise UsageError(f'--param_dtype={param_dtype}: must be one of {", ".join(config_lib.DTYPES)}')
@@ -278,7 +311,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite:
 
   return checkpoint_dir.write_params_dir(out, config, params, overwrite=overwrite,
                                          extra_files=_tokenizer_files(hf_dir),
-                                         meta={'source': f'import_hf {hf_dir}'})
+                                         meta={'source': f'import_hf {hf_dir}'}, inputs={'--hf_dir': hf_dir})
 
 
 def _allocate(shapes: dict, dtype: np.dtype) -> dict:
@@ -318,8 +351,10 @@ def export_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: b
   transformers.LlamaForCausalLM.from_pretrained."""
   shard_limit = _parse_size(max_shard_size)
   out_path = pathlib.Path(out).expanduser()
-  if out_path.exists() and not overwrite:  # fail before the (possibly long) restore
-    raise UsageError(f'--out={out_path}: already exists; pass --overwrite to replace it')
+  resolved = checkpoint_dir.resolve(ckpt)
+  # Before the (possibly long) restore: never the checkpoint's directory, nor over its files (beside them is fine).
+  inputs = {'--ckpt': resolved.parts}
+  outputs.check_dir('--out', out_path, kind=outputs.HF_EXPORT, inputs=inputs, overwrite=overwrite)
   config, params, resolved = checkpoint_dir.restore_params(ckpt, host=True)
   model_config = ModelConfig.from_config(config.model)
   tok_path = tokenizer_lib.find(resolved.root)
@@ -346,7 +381,7 @@ def export_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: b
     size += nbytes
   shards.append(current)
 
-  with checkpoint_dir.atomic_directory(out_path, overwrite) as tmp:
+  with outputs.atomic_directory(out_path, kind=outputs.HF_EXPORT, inputs=inputs, overwrite=overwrite) as tmp:
     hf_config = hf_config_from_model(model_config, tok.bos_id if tok else None, tok.eos_ids if tok else ())
     (tmp / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
     weight_map = {}

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from layerskip_jax import cli
+from layerskip_jax import cli, outputs
 from layerskip_jax import config as config_lib
 from layerskip_jax.data import loader
 from layerskip_jax.data.cache import ensure_prepared
+from layerskip_jax.errors import UsageError
 
 flags.DEFINE_string('config', 'tiny', 'config whose data, batch and sequence length are measured')
 flags.DEFINE_integer('batches', 300, 'batches to time')
@@ -26,6 +27,10 @@ flags.DEFINE_string('json', None, 'write the results here')
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
+  if f.batches < 1 or f.train_steps < 0:
+    bad = ('batches', f.batches, 1) if f.batches < 1 else ('train_steps', f.train_steps, 0)
+    raise UsageError(f'--{bad[0]}={bad[1]}: must be at least {bad[2]}')
+  json_path = outputs.check_file('--json', f.json)  # before the benchmark, not after it
   config = config_lib.load(f.config, args.config_overrides)
   prepared = ensure_prepared(config)
   b, t = config.train.batch_size, config.train.seq_len
@@ -50,9 +55,8 @@ def main(args: cli.Args) -> None:
     step_tps = b * t / float(np.median(times[1:]))
     report.update(train_step_tokens_per_sec=step_tps, loader_over_train=loader_tps / step_tps)
     print(f'train step: {step_tps:,.0f} tokens/s -> the loader delivers {loader_tps / step_tps:,.0f}x that')
-  if f.json:
-    with open(f.json, 'w') as fh:
-      json.dump(report, fh, indent=2)
+  if json_path:
+    outputs.write_text(json_path, json.dumps(report, indent=2))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Auto-prepared data: the tokenizer and shards a training run needs, built once and cached (data.cache_dir).
 
 Only process 0 prepares; the others wait at a barrier (the cache must be on a filesystem all processes see).
+Errors name the config keys (data.source, data.tokenizer, model.vocab_size, data.cache_dir), not the flags of the
+data commands; a damaged cache entry names the file and the directory to delete (it is prepared again).
 """
 
 from __future__ import annotations
@@ -43,18 +45,21 @@ def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedD
       raise UsageError(f'data.source={data.source} holds prepared shards: set data.tokenizer to the tokenizer they '
                        'were made with')
     manifest = prepare_lib.read_manifest(source)
-    if manifest['tokenizer_sha256'] != prepare_lib.file_sha256(tokenizer):
+    tokenizer_file = tokenizer_lib.load(tokenizer, flag='data.tokenizer').path
+    if manifest['tokenizer_sha256'] != prepare_lib.file_sha256(tokenizer_file):
       raise UsageError(f'data.tokenizer={tokenizer}: is not the tokenizer the shards in {source} were made with')
-    return PreparedData(pathlib.Path(tokenizer), source, None)
+    return PreparedData(tokenizer_file, source, None)
   options = _source_options(data)
-  description = open_source(data.source, data.train_split, **options).description
+  description = open_source(data.source, data.train_split, flag='data.source', **options).description
   if not tokenizer:
     path = cache / 'tokenizers' / f'{_key(description, str(config.model.vocab_size))}' / 'tokenizer.model'
     if not path.is_file():
       print(f'training a {config.model.vocab_size}-piece tokenizer on {description} -> {path}')
       tokenizer_lib.train_sentencepiece(data.source, config.model.vocab_size, path, split=data.train_split,
-                                        **options)
+                                        source_flag='data.source', vocab_flag='model.vocab_size',
+                                        out_flag='data.cache_dir', **options)
     tokenizer = str(path)
+  tokenizer = str(tokenizer_lib.load(tokenizer, flag='data.tokenizer').path)  # a directory: the file in it
   checksum = prepare_lib.file_sha256(tokenizer)
   shards = {}
   for split in (data.train_split, data.eval_split):
@@ -64,7 +69,8 @@ def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedD
     manifest = prepare_lib.read_manifest(out)
     if manifest is None:
       print(f'preparing {data.source}:{split} -> {out}')
-      prepare_lib.prepare(data.source, tokenizer, out, split=split, **options)
+      prepare_lib.prepare(data.source, tokenizer, out, split=split, source_flag='data.source',
+                          tokenizer_flag='data.tokenizer', out_flag='data.cache_dir', **options)
     shards[split] = out
   return PreparedData(pathlib.Path(tokenizer), shards[data.train_split],
                       shards.get(data.eval_split) if data.eval_split else None)

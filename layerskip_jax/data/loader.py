@@ -27,8 +27,8 @@ import grain
 import jax
 import numpy as np
 
-from layerskip_jax.data.prepare import decode_record, lengths_file, read_manifest
-from layerskip_jax.errors import UsageError
+from layerskip_jax.data.prepare import decode_record, lengths_file, read_manifest, verify_shards
+from layerskip_jax.errors import UsageError, one_line
 from layerskip_jax.sharding import batch_sharding
 
 FEATURES = ('inputs', 'targets', 'loss_mask')
@@ -39,6 +39,7 @@ class ChunkSource:
   j .. j + seq_len - 1 (fewer at the document's end), with the loss mask of those targets."""
 
   def __init__(self, files: list[str], seq_len: int):
+    self._files = files
     self._records = grain.sources.ArrayRecordDataSource(files)
     pairs = np.maximum(record_lengths(files, self._records) - 1, 0)
     chunks = -(-pairs // seq_len)
@@ -50,11 +51,31 @@ class ChunkSource:
     return len(self._record)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    ids, prompt_length = decode_record(self._records[int(self._record[index])])
+    record = int(self._record[index])
+    try:
+      ids, prompt_length = decode_record(self._records[record])
+    except RuntimeError as e:  # a shard damaged after it was checked (its index was readable, a record is not)
+      file = self._file_of(record)
+      raise UsageError(f'{file}: record {record} cannot be read ({one_line(e, 160)}); delete '
+                       f'{pathlib.Path(file).parent} and prepare it again') from None
     start = int(self._start[index])
     piece = ids[start:start + self._seq_len + 1]
     mask = (np.arange(start + 1, start + len(piece)) >= prompt_length).astype(np.int32)
     return {'inputs': piece[:-1], 'targets': piece[1:], 'loss_mask': mask}
+
+  def _file_of(self, record: int) -> str:
+    from array_record.python.array_record_module import ArrayRecordReader
+    for file in self._files:
+      try:
+        reader = ArrayRecordReader(file)
+        count = reader.num_records() if reader.ok() else 0
+        reader.close()
+      except RuntimeError:
+        return file
+      if record < count:
+        return file
+      record -= count
+    return ', '.join(self._files)
 
 
 def record_lengths(files: list[str], records: grain.sources.ArrayRecordDataSource) -> np.ndarray:
@@ -73,10 +94,13 @@ def _rename(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def shard_files(directory: str | pathlib.Path) -> tuple[list[str], dict]:
+  """The shard files of a prepared directory and its manifest, checked (verify_shards): a missing or truncated shard
+  is one error line naming it, here, rather than a reader's error in a data thread."""
   directory = pathlib.Path(directory).expanduser()
   manifest = read_manifest(directory)
   if manifest is None:
     raise UsageError(f'{directory}: no prepared shards (manifest.json); run python -m layerskip_jax.data.prepare')
+  verify_shards(directory, manifest)
   return [str(directory / shard['file']) for shard in manifest['shards']], manifest
 
 

@@ -19,18 +19,22 @@ def cache_length(prompt_length: int, max_new_tokens: int, max_speculations: int)
   return prompt_length + max_new_tokens + max_speculations + 1
 
 
-def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, max_speculations: int) -> int:
+def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, max_speculations: int, *,
+                 prefix: str = '') -> int:
   """The cache length, checked against the model's positions before anything compiles (never rely on
-  dynamic_update_slice clamping an out-of-range write onto valid slots)."""
+  dynamic_update_slice clamping an out-of-range write onto valid slots). `prefix` goes before the names in messages
+  ('--' when the values came from command-line flags)."""
   if prompt_length < 1:
     raise UsageError('prompt: empty; give at least one token')
   if max_new_tokens < 1:
-    raise UsageError(f'max_new_tokens={max_new_tokens}: must be at least 1')
+    raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: must be at least 1')
   length = cache_length(prompt_length, max_new_tokens, max_speculations)
   if length > config.max_position_embeddings:
-    raise UsageError(f'max_new_tokens={max_new_tokens}: prompt ({prompt_length}) + max_new_tokens + '
+    room = config.max_position_embeddings - cache_length(prompt_length, 0, max_speculations)
+    fix = f'give {prefix}max_new_tokens <= {room}' if room >= 1 else 'shorten the prompt'
+    raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: prompt ({prompt_length}) + max_new_tokens + '
                      f'num_speculations bound ({max_speculations}) + 1 = {length} exceeds the model\'s '
-                     f'max_position_embeddings={config.max_position_embeddings}')
+                     f'max_position_embeddings={config.max_position_embeddings}; {fix}')
   return length
 
 

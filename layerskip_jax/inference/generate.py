@@ -16,7 +16,8 @@ from layerskip_jax.data.tokenizer import Tokenizer
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference.cache import check_length
 from layerskip_jax.inference.decode import STRATEGIES, Sampling, decode_loop, prefill
-from layerskip_jax.model import Transformer
+from layerskip_jax.inference.sampling import check_parameters
+from layerskip_jax.model import ModelConfig, Transformer
 
 DEFAULT_MAX_SPECULATIONS = 8  # the static bound d_max: every d up to it shares one compiled program
 
@@ -48,6 +49,29 @@ def encode_prompts(prompts: Sequence, tokenizer: Tokenizer | None) -> list[list[
   return rows
 
 
+def check_request(config: ModelConfig, *, strategy: str, exit_layer: int | None, num_speculations: int,
+                  temperature: float, top_k: int, top_p: float, max_speculations: int = DEFAULT_MAX_SPECULATIONS,
+                  prefix: str = '') -> tuple[int, int]:
+  """(exit layer, d_max) of a request, or UsageError naming the one value that is wrong. Needs only the model's
+  config: the `generate` command calls it (prefix='--': messages name its flags) before loading the weights."""
+  num_layers = config.num_hidden_layers
+  if strategy not in STRATEGIES:
+    raise UsageError(f'{prefix}strategy={strategy!r}: must be one of {", ".join(STRATEGIES)}')
+  if strategy == 'autoregressive':
+    exit_layer = num_layers if exit_layer is None else exit_layer
+  elif exit_layer is None:
+    raise UsageError(f'{prefix}exit_layer: required for {prefix}strategy={strategy}')
+  high = num_layers - 1 if strategy == 'self_speculative' else num_layers
+  if not 1 <= exit_layer <= high:
+    raise UsageError(f'{prefix}exit_layer={exit_layer}: must be in 1..{high} for {prefix}strategy={strategy} '
+                     f'(E counts layers run; the model has {num_layers})')
+  if strategy == 'self_speculative' and not 1 <= num_speculations:
+    raise UsageError(f'{prefix}num_speculations={num_speculations}: must be at least 1')
+  check_parameters(temperature, top_k, top_p, prefix=prefix)
+  d_max = max(max_speculations, num_speculations) if strategy == 'self_speculative' else 0
+  return exit_layer, d_max
+
+
 def uses_unstacked_layers() -> bool:
   """Whether decoding runs on separately stored layer weights: on a CPU, where slicing stacked weights copies them."""
   return jax.default_backend() == 'cpu'
@@ -65,21 +89,9 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   once, to reuse across calls (made here when needed and not given).
   """
   config = model.config
-  num_layers = config.num_hidden_layers
-  if strategy not in STRATEGIES:
-    raise UsageError(f'strategy={strategy!r}: must be one of {", ".join(STRATEGIES)}')
-  if strategy == 'autoregressive':
-    exit_layer = num_layers if exit_layer is None else exit_layer
-  elif exit_layer is None:
-    raise UsageError(f'exit_layer: required for strategy={strategy}')
-  high = num_layers - 1 if strategy == 'self_speculative' else num_layers
-  if not 1 <= exit_layer <= high:
-    raise UsageError(f'exit_layer={exit_layer}: must be in 1..{high} for strategy={strategy} (E counts layers run)')
-  d_max = max(max_speculations, num_speculations) if strategy == 'self_speculative' else 0
-  if strategy == 'self_speculative' and not 1 <= num_speculations:
-    raise UsageError(f'num_speculations={num_speculations}: must be at least 1')
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise UsageError(f'sampling: temperature={temperature} must be >= 0, top_k={top_k} >= 0, top_p={top_p} in (0, 1]')
+  exit_layer, d_max = check_request(config, strategy=strategy, exit_layer=exit_layer,
+                                    num_speculations=num_speculations, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, max_speculations=max_speculations)
   rows = encode_prompts(prompts, tokenizer)
   for i, row in enumerate(rows):
     if min(row) < 0 or max(row) >= config.vocab_size:

@@ -1,10 +1,44 @@
 """Turning logits into tokens: greedy argmax, or sampling after temperature, top-k and top-p (all traced values,
-so changing them does not recompile)."""
+so changing them does not recompile).
+
+`check_parameters` is the one place the three values are checked: inside the compiled loop a negative top_k or a
+top_p of 0 would not fail, it would silently sample from nothing or from everything. generate() calls it with the
+argument names, the `generate` command with its flag names (prefix='--'), so both say the same thing.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+
+from layerskip_jax.errors import UsageError
+
+
+def _real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+  return str(value) if isinstance(value, numbers.Number) else repr(value)
+
+
+def check_parameters(temperature, top_k, top_p, *, prefix: str = '') -> None:
+  """Raises UsageError naming the one rule that a sampling value breaks: temperature a finite number >= 0 (0 =
+  greedy), top_k an integer >= 0 (0 = all tokens), top_p in (0, 1] (1 = all tokens). `prefix` goes before each
+  name ('--' for command-line flags)."""
+  if not _real(temperature) or not math.isfinite(temperature):
+    raise UsageError(f'{prefix}temperature={_show(temperature)}: must be a finite number (0 = greedy)')
+  if temperature < 0:
+    raise UsageError(f'{prefix}temperature={_show(temperature)}: must be >= 0 (0 = greedy)')
+  if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool):
+    raise UsageError(f'{prefix}top_k={_show(top_k)}: must be an integer (0 = all tokens)')
+  if top_k < 0:
+    raise UsageError(f'{prefix}top_k={_show(top_k)}: must be >= 0 (0 = all tokens)')
+  if not _real(top_p) or not 0 < top_p <= 1:  # also refuses nan, which fails every comparison
+    raise UsageError(f'{prefix}top_p={_show(top_p)}: must be in (0, 1] (1 = all tokens)')
 
 
 def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

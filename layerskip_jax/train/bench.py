@@ -37,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from layerskip_jax import cli
+from layerskip_jax import cli, outputs
 from layerskip_jax import config as config_lib
+from layerskip_jax.errors import UsageError
 from layerskip_jax.train.step import compiled_train_step, synthetic_batch
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
+WHAT = ('speed', 'torch', 'memory', 'loop')
 flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, loop')
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
 flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory benchmark (compiled, never run)')
@@ -221,6 +223,13 @@ def loop(config_name: str, steps: int, overrides: list[str]) -> dict:
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
+  unknown = [w for w in f.what if w not in WHAT]
+  if unknown or not f.what:
+    raise UsageError(f'--what={",".join(f.what)}: expected any of {", ".join(WHAT)}')
+  for name in ('steps', 'memory_seq_len', 'memory_batch', 'loop_steps'):
+    if f[name].value < 1:
+      raise UsageError(f'--{name}={f[name].value}: must be at least 1')
+  json_path = outputs.check_file('--json', f.json)  # before the benchmark, not after it
   report = {'backend': jax.default_backend(), 'devices': jax.device_count()}
   if 'speed' in f.what or 'torch' in f.what:
     report['matmul_peak_gflops'] = matmul_peak_flops() / 1e9
@@ -259,9 +268,8 @@ def main(args: cli.Args) -> None:
       print(f'  {name:24s} host {s["host_ms"]:5.1f} ms/step, device waited before {s["idle_dispatches"]:3d} of '
             f'{s["steps"]} steps; loop {s["loop_ms"]:7.1f} ms/step {s["tokens_per_sec"]:6.0f} tok/s, step alone '
             f'{" / ".join(f"{v:.1f}" for v in s["compiled_step_ms"])} ms')
-  if f.json:
-    with open(f.json, 'w') as fh:
-      json.dump(report, fh, indent=2)
+  if json_path:
+    outputs.write_text(json_path, json.dumps(report, indent=2))
     print(f'wrote {f.json}')
 
 

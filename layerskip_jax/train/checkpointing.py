@@ -13,16 +13,21 @@ read back by that handler into the live iterator.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import pathlib
+import sys
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from layerskip_jax import outputs
 from layerskip_jax.checkpoint_dir import CHECKPOINTS_SUBDIR, DATA_ITER_ITEM, META_ITEM, STATE_ITEM, steps
-from layerskip_jax.errors import UsageError
+from layerskip_jax.errors import UsageError, one_line
 from layerskip_jax.train.state import TrainState
 
 
@@ -38,14 +43,47 @@ class _RecordedIteratorState:
     return json.dumps(self._state, indent=4).encode()
 
 
+TMP_DIR_SUFFIX = '.orbax-checkpoint-tmp'  # what Orbax appends to a step's name until the step is finished
+
+
+class CheckpointWriteError(Exception):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount). The message is one line: the path,
+  the OS error and the last good checkpoint, which is left intact."""
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  """The OSError behind an Orbax/tensorstore failure (a chain of causes, or only its message for tensorstore)."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return seen
+    seen = seen.__cause__ or seen.__context__
+  text = str(e)
+  for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EIO):
+    if os.strerror(code) in text or errno.errorcode[code] in text:
+      return OSError(code, os.strerror(code))
+  return None
+
+
 class Checkpointer:
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True, is_main: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_SUBDIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    # An interrupted save (kill -9, a second Ctrl-C, a full disk) leaves STEP.orbax-checkpoint-tmp-*: never a
+    # finished step (steps() ignores it); Orbax removes it here, and the console says so.
+    stale = sorted(p.name for p in self.directory.glob(f'*{TMP_DIR_SUFFIX}*')) if self.directory.is_dir() else []
+    if stale and is_main:
+      print(f'removing {len(stale)} unfinished checkpoint(s) left by an interrupted save in {self.directory}: '
+            f'{", ".join(stale)}', file=sys.stderr)
+    # create=False: nothing is written into the workdir until the first save (a run refused while it restores
+    # train.init_from leaves no trace); Orbax makes the directory then.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=False,
+                                           cleanup_tmp_directories=True)
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler(),
                 DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saving: int | None = None  # the step of a save that may still be in flight
+    self._last = 0  # the step of the last save started (named if closing fails)
 
   def latest_step(self) -> int | None:
     finished = steps(self.directory.parent)
@@ -53,11 +91,31 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, iterator_state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Saves `state` with the data position `iterator_state` (get_state() of the iterator after the last batch
-    trained on)."""
-    self.manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
-        DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state)),
-        META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+    trained on). A failed write (this one, or the previous asynchronous one, which Orbax reports here) raises
+    CheckpointWriteError."""
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
+          DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state)),
+          META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+    self._saving = self._last = step
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 Orbax wraps I/O errors of its threads in many types
+      cause = _os_error(e)
+      if cause is None:
+        raise
+      failed = self._saving if self._saving is not None else step
+      self._saving = None
+      last_good = [s for s in steps(self.directory.parent) if s != failed]
+      good = f'step {last_good[-1]} ({self.directory / str(last_good[-1])})' if last_good else 'none'
+      raise CheckpointWriteError(
+          f'checkpoint step {failed} could not be written to {cause.filename or self.directory / str(failed)}: '
+          f'{outputs.describe_os_error(cause)}; the last good checkpoint is {good}, left intact: free space (or fix '
+          'the file system) and run the same command to resume from it') from None
 
   def restore(self, step: int, abstract_state: TrainState, iterator: grain.DatasetIterator
               ) -> tuple[TrainState, dict]:
@@ -71,7 +129,7 @@ class Checkpointer:
           META_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged or mismatched checkpoint
       raise UsageError(f'checkpoint {self.directory / str(step)} cannot be restored: it is corrupt or does not '
-                       f'match the config ({" ".join(str(e).split())[:240]}); it was left untouched: move it '
+                       f'match the config ({one_line(e, 240)}); it was left untouched: move it '
                        'away to resume from an earlier step, or use a new workdir') from None
     for got, want in zip(jax.tree.leaves(restored[STATE_ITEM]), jax.tree.leaves(abstract_tree)):
       if got.shape != want.shape:
@@ -79,8 +137,17 @@ class Checkpointer:
                          f'config implies {want.shape}: it was written for another model')
     return TrainState.from_tree(restored[STATE_ITEM]), dict(restored[META_ITEM])
 
+  def check(self) -> None:
+    """Raises CheckpointWriteError if an asynchronous save has failed (cheap: no wait)."""
+    if self._saving is not None:
+      with self._write_errors(self._saving):
+        self.manager.check_for_errors()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._write_errors(self._last):
+      self.manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.close()
+    with self._write_errors(self._last):
+      self.manager.close()

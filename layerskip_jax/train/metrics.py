@@ -1,6 +1,8 @@
 """Training metrics: WORKDIR/metrics.jsonl (interfaces.md), TensorBoard (tensorboardX), W&B when asked for; FLOPs.
 
-On resume, rows after the restored step are dropped first, so the file reads as one run.
+On resume, rows after the restored step are dropped first, so the file reads as one run. A torn last line (the
+process was killed, or the disk filled, mid-write) is dropped too, with a warning; a damaged line elsewhere is an
+error naming the file and line, since the file was then edited, not interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import numpy as np
 from ml_collections import config_dict
 
+from layerskip_jax import outputs
+from layerskip_jax.errors import UsageError
 from layerskip_jax.model import ModelConfig
 
 METRICS_FILE = 'metrics.jsonl'
@@ -28,6 +32,36 @@ def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
   matmul_params = model.num_hidden_layers * layer + model.hidden_size * model.vocab_size
   attention = 12 * model.num_hidden_layers * seq_len * model.num_attention_heads * model.head_dim / 2
   return 6.0 * matmul_params + attention
+
+
+def read_rows(path: str | pathlib.Path, *, warn: bool = False, flag: str | None = None
+              ) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, row) of each row of a metrics.jsonl. A last line that is not JSON (torn by a kill or a full
+  disk) is skipped (with a warning on stderr when `warn`); any other line that is not a JSON object raises
+  UsageError naming the file and line (and `flag`, the flag that named the file)."""
+  path = pathlib.Path(path)
+  where = f'{flag}={path}' if flag else str(path)
+  try:
+    lines = path.read_bytes().split(b'\n')
+  except OSError as e:
+    raise UsageError(f'{where}: cannot be read ({outputs.describe_os_error(e)})') from None
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  rows = []
+  for n, (number, line) in enumerate(numbered):
+    try:
+      row = json.loads(line.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      if n == len(numbered) - 1:
+        if warn:
+          print(f'warning: {path}:{number}: dropping a torn last line (the run was killed mid-write)', file=sys.stderr)
+        break
+      raise UsageError(f'{where}:{number}: not a JSON row ({type(e).__name__}); a metrics file has one JSON object '
+                       'per line: remove or fix the line') from None
+    if not isinstance(row, dict):
+      raise UsageError(f'{where}:{number}: a {type(row).__name__}, not a JSON object; a metrics file has one JSON '
+                       'object per line: remove or fix the line')
+    rows.append((number, row))
+  return rows
 
 
 def _clean(value: Any) -> Any:
@@ -52,9 +86,8 @@ class MetricsWriter:
     if not enabled:
       return
     if self.path.exists():  # keep the rows of the run up to the restored step only
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
+      kept = [json.dumps(row) for _, row in read_rows(self.path, warn=True) if row.get('step', 0) <= resume_step]
+      outputs.write_text(self.path, ''.join(line + '\n' for line in kept))
     self._file = open(self.path, 'a')
     if logging.tensorboard:
       from tensorboardX import SummaryWriter

@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from typing import Any
 
 from absl import flags
 
-from layerskip_jax import cli
+from layerskip_jax import cli, outputs
 from layerskip_jax import config as config_lib
 from layerskip_jax.errors import UsageError
 
@@ -151,10 +150,7 @@ def main(args: cli.Args) -> None:
     raise UsageError(f'--devices={f.devices}: must be at least 1')
   if f.device_memory_gb <= 0:
     raise UsageError(f'--device_memory_gb={f.device_memory_gb}: must be positive')
-  if f.json:
-    json_path = pathlib.Path(f.json)
-    if json_path.is_dir() or not json_path.absolute().parent.is_dir():
-      raise UsageError(f'--json={f.json}: not a writable file path (its folder must exist)')
+  json_path = outputs.check_file('--json', f.json)
   config = config_lib.load(f.config, args.config_overrides)  # validated before anything compiles
   if config.model.attention_impl in ('cudnn', 'pallas_gpu', 'splash'):  # accelerator kernels do not compile here
     print(f'model.attention_impl={config.model.attention_impl}: planned with the blockwise kernel (the same O(seq) '
@@ -192,8 +188,8 @@ def main(args: cli.Args) -> None:
             'dtype': config.model.dtype, 'remat_policy': config.model.remat_policy,
             'attention_impl': config.model.attention_impl, 'seq_len': config.train.seq_len,
             'plan': plan, 'tried': tried, 'seconds': time.perf_counter() - begin}
-  if f.json:
-    pathlib.Path(f.json).write_text(json.dumps(report, indent=2))
+  if json_path:
+    outputs.write_text(json_path, json.dumps(report, indent=2))
     print(f'wrote {f.json}')
   if plan is None:
     raise UsageError(f'{f.config} does not fit {limit_text} per device on {f.devices} devices even at one sequence '

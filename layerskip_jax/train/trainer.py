@@ -5,9 +5,12 @@
 Running it again on the same workdir resumes from the latest checkpoint, bit-identically on CPU: the data iterator,
 the parameters and optimizer state are restored, and every schedule and random draw is a function of the step.
 
-`train` runs five phases, each one function: `_prepare` (workdir, mesh, data), `state.compile_steps` (the train
-and eval steps, compiled from abstract shapes before anything is allocated), `_initial_state` (resume, init_from
-or fresh), `_Loop.run` (the steps) and `_Loop.finish` (last row, final evaluation, checkpoint).
+`train` runs five phases, each one function: `_prepare` (workdir, mesh, data: checks only), `state.compile_steps`
+(the train and eval steps, compiled from abstract shapes before anything is allocated), `_initial_state` (resume,
+init_from or fresh; only then are the config and tokenizer written into the workdir, so a run refused before it
+starts leaves the workdir as it was), `_Loop.run` (the steps) and `_Loop.finish` (last row, final evaluation,
+checkpoint). `validate` makes every check of `_prepare` and writes nothing (`--dry_run`). A rerun of a finished
+run does nothing.
 
 The host never makes the device wait between steps: the next global batches are read and placed on the devices by
 a background thread (`data.prefetch`); a step's metrics leave the device only on log steps (`train.log_every`),
@@ -38,7 +41,7 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 import layerskip_jax
-from layerskip_jax import checkpoint_dir, config as config_lib, sharding
+from layerskip_jax import checkpoint_dir, config as config_lib, outputs, sharding
 from layerskip_jax.data import loader
 from layerskip_jax.data.cache import PreparedData, ensure_prepared
 from layerskip_jax.errors import UsageError
@@ -111,11 +114,8 @@ class _Profiler:
       self.active = False
 
 
-def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path) -> None:
-  saved_path = workdir / config_lib.CONFIG_FILE_NAME
-  if not saved_path.is_file():
-    return
-  saved = config_lib.from_json(saved_path)
+def _check_saved_config(config: config_dict.ConfigDict, workdir: pathlib.Path) -> None:
+  saved = config_lib.from_json(workdir / config_lib.CONFIG_FILE_NAME)
   for section in ('model', 'layerskip'):
     # How the model computes may change on resume (attention kernel, remat, compute dtype: a workdir started
     # before attention_impl defaulted to 'auto' resumes); what it computes and the stored state's dtype may not.
@@ -127,14 +127,69 @@ def _check_workdir_config(config: config_dict.ConfigDict, workdir: pathlib.Path)
                        f'{config[section][key]!r}; resume with the same config or use a new workdir')
 
 
+def check_workdir(config: config_dict.ConfigDict, workdir: pathlib.Path) -> int | None:
+  """The latest finished step of `workdir` (None: a new run), after refusing a workdir the run cannot use: a file,
+  an unwritable place, checkpoints whose config file is lost, or a saved config of another model. Writes nothing.
+
+  A saved config binds the workdir only once a checkpoint exists: a run that failed before its first checkpoint
+  (a rejected train.init_from, a crash while compiling) left nothing to resume, so a retry may change the config.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f'--workdir={workdir}: is a file; give a directory (it is created, or resumed if it exists)')
+  outputs.check_writable('--workdir', workdir)
+  finished = checkpoint_dir.steps(workdir)
+  has_config = (workdir / config_lib.CONFIG_FILE_NAME).is_file()
+  if finished and not has_config:
+    raise UsageError(f'--workdir={workdir}: holds checkpoints (latest step {finished[-1]}) but no '
+                     f'{config_lib.CONFIG_FILE_NAME}, so the config they were trained with is unknown; restore the '
+                     'file from a copy, or use a new workdir')
+  if finished:
+    _check_saved_config(config, workdir)
+  return finished[-1] if finished else None
+
+
+def check_init_from(config: config_dict.ConfigDict) -> checkpoint_dir.CheckpointDir | None:
+  """train.init_from resolved, after checking that it has this config's architecture (numerics may differ: the
+  weights are cast). None without init_from."""
+  t = config.train
+  if not t.init_from:
+    return None
+  init_ckpt = checkpoint_dir.resolve(t.init_from, 'train.init_from')
+  theirs = ModelConfig.from_config(init_ckpt.read_config('train.init_from').model).architecture()
+  ours = ModelConfig.from_config(config.model).architecture()
+  differing = next((k for k in ours if theirs[k] != ours[k]), None)
+  if differing is not None:
+    raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
+                     f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
+  return init_ckpt
+
+
+def validate(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> str:
+  """Every check a run makes before it writes anything (the config itself was validated when loaded); returns what
+  the run would do. `python -m layerskip_jax.train --dry_run` prints it; the cluster launchers run that before
+  submitting or stopping anything."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  latest = check_workdir(config, workdir)
+  init_ckpt = check_init_from(config)
+  if latest is not None and latest >= config.train.steps:
+    return f'{workdir} is finished (step {latest}, train.steps={config.train.steps}): nothing to do'
+  if latest is not None:
+    return f'would resume {workdir} from step {latest}'
+  if init_ckpt is not None:
+    return f'would start {workdir} from the weights of {init_ckpt.step_dir}'
+  return f'would start {workdir} from scratch'
+
+
 def _save_tokenizer(tokenizer: pathlib.Path, workdir: pathlib.Path) -> None:
   name = 'tokenizer.json' if tokenizer.suffix == '.json' else 'tokenizer.model'
   target = workdir / name
-  if not target.exists() or target.read_bytes() != tokenizer.read_bytes():
-    shutil.copyfile(tokenizer, target)
+  copies = [(tokenizer, target)] if not target.exists() or target.read_bytes() != tokenizer.read_bytes() else []
   for side in ('tokenizer_config.json', 'generation_config.json'):
     if name == 'tokenizer.json' and (tokenizer.parent / side).is_file():
-      shutil.copyfile(tokenizer.parent / side, workdir / side)
+      copies.append((tokenizer.parent / side, workdir / side))
+  for source, destination in copies:  # whole or not at all: a killed run leaves no half-copied tokenizer
+    with outputs.atomic_file(destination) as tmp:
+      shutil.copyfile(source, tmp)
 
 
 def _format_bytes(n: float) -> str:
@@ -147,17 +202,18 @@ class _Run:
   config: config_dict.ConfigDict
   workdir: pathlib.Path
   mesh: jax.sharding.Mesh
-  prepared: PreparedData
+  prepared: PreparedData | None  # None when the run is already finished
   init_ckpt: checkpoint_dir.CheckpointDir | None
   is_main: bool
+  finished_step: int | None = None  # the workdir's last step, when it is already at train.steps
 
 
 def _prepare(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> _Run:
-  """Phase 1: checks that need no compile (workdir, batch over the mesh, init_from's architecture), prepares the
-  data, writes the config and tokenizer into the workdir."""
+  """Phase 1: checks that need no compile (workdir, batch over the mesh, init_from's architecture) and the data.
+  Nothing is written into the workdir here: `_write_run_files` does that once the initial state exists."""
   workdir = pathlib.Path(workdir).expanduser().absolute()
   is_main = jax.process_index() == 0
-  _check_workdir_config(config, workdir)
+  latest = check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   t = config.train
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
@@ -165,21 +221,20 @@ def _prepare(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> _Ru
     raise UsageError(f'train.batch_size={t.batch_size}: each microbatch (batch_size / grad_accum_steps = '
                      f'{eval_batch_size(config)}) must divide over the {data_parallel} data-parallel '
                      'devices (mesh.data x mesh.fsdp)')
-  init_ckpt = checkpoint_dir.resolve(t.init_from) if t.init_from else None
-  if init_ckpt is not None:
-    theirs = ModelConfig.from_config(config_lib.from_json(init_ckpt.config_path).model).architecture()
-    ours = ModelConfig.from_config(config.model).architecture()
-    differing = next((k for k in ours if theirs[k] != ours[k]), None)
-    if differing is not None:  # numerics (dtype, param_dtype, remat_policy, ...) may differ: weights are cast
-      raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
-                       f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
+  init_ckpt = check_init_from(config)
+  if latest is not None and latest >= t.steps:
+    return _Run(config=config, workdir=workdir, mesh=mesh, prepared=None, init_ckpt=init_ckpt, is_main=is_main,
+                finished_step=latest)
   init_tokenizer = str(init_ckpt.tokenizer_path) if init_ckpt and init_ckpt.tokenizer_path else None
   prepared = ensure_prepared(config, tokenizer=config.data.tokenizer or init_tokenizer)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(config, workdir)
-    _save_tokenizer(prepared.tokenizer, workdir)
   return _Run(config=config, workdir=workdir, mesh=mesh, prepared=prepared, init_ckpt=init_ckpt, is_main=is_main)
+
+
+def _write_run_files(run: _Run) -> None:
+  """The config and tokenizer of the run, written into the workdir (process 0) once the run has started."""
+  if run.is_main:
+    config_lib.save(run.config, run.workdir)
+    _save_tokenizer(run.prepared.tokenizer, run.workdir)
 
 
 def _initial_state(run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, iterator
@@ -192,7 +247,7 @@ def _initial_state(run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, 
       state, _ = checkpointer.restore(start, steps.abstract_state, iterator)
       return state, start, f'resumed from {checkpointer.directory / str(start)}'
     if run.init_ckpt is not None:
-      _, params, _ = checkpoint_dir.restore_params(run.init_ckpt.step_dir, run.mesh)
+      _, params, _ = checkpoint_dir.restore_params(run.init_ckpt.step_dir, run.mesh, flag='train.init_from')
       return (init_state(run.config, steps, params), 0,
               f'initialised from {run.init_ckpt.step_dir} (weights only, fresh optimizer)')
   return init_state(run.config, steps), 0, 'initialised from scratch'
@@ -214,13 +269,20 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
   {'steps' run, 'host_seconds' the loop's own work took, 'idle_dispatches': steps dispatched after the previous
   one had finished, i.e. the device waited for the host})."""
   run = _prepare(config, workdir)
-  steps = compile_steps(config, run.mesh, with_eval=run.prepared.heldout is not None)
   t = config.train
+  if run.finished_step is not None:  # a rerun of a finished run: nothing is compiled, evaluated or appended
+    if run.is_main:
+      print(f'{run.workdir} is already finished at step {run.finished_step} (train.steps={t.steps}): nothing to do')
+    return {'step': run.finished_step, 'status': 'finished', 'last_row': None,
+            'loop': {'steps': 0, 'host_seconds': 0.0, 'idle_dispatches': 0}}
+  steps = compile_steps(config, run.mesh, with_eval=run.prepared.heldout is not None)
   iterator = iter(loader.dataset(run.prepared.train, t.seq_len, t.batch_size, seed=t.seed,
                                  num_workers=config.data.num_workers))
-  checkpointer = Checkpointer(run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  checkpointer = Checkpointer(run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                              is_main=run.is_main)
   try:
     state, start, message = _initial_state(run, steps, checkpointer, iterator)
+    _write_run_files(run)
     if run.is_main:
       print(f'layerskip_jax {layerskip_jax.__version__}: {message}; {sharding.describe(run.mesh)}')
       compiled = _describe_compiled(steps)
@@ -348,6 +410,7 @@ class _Loop:
       print(f'step {step}/{self.t.steps} loss {row["loss"]:.4f} ce_last {row["ce_last"]:.4f} '
             f'{row["tokens_per_sec"]:.0f} tok/s', flush=True)
     self.host_seconds += time.perf_counter() - now  # the row's own work, after the wait for its step
+    self.checkpointer.check()  # a failed background save stops the run now, not at the next save
 
   def _save(self, state: TrainState) -> None:
     """Checkpoints the state after self.step, with the data position after the last batch trained on. The step's
