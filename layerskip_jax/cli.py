@@ -33,12 +33,17 @@ class Args:
 class _QuietOrbaxErrors(std_logging.Filter):
   """Orbax logs a failed read or write from each of its threads, with tracebacks; tensorstore's callbacks print
   'Event loop is closed' tracebacks after the failed operation's event loop is gone, and its abandoned coroutines
-  print their errors when collected: hundreds of lines for one full disk or one truncated file. The failure also reaches the command as an exception, reported as one line (a
-  CheckpointWriteError, a UsageError naming the damaged checkpoint), so these copies are dropped; LAYERSKIP_DEBUG=1
-  keeps them."""
+  and tasks print their errors when collected (asyncio's 'Task exception was never retrieved'): hundreds of lines
+  for one full disk or one truncated file. The failure also reaches the command as an exception, reported as one
+  line (a CheckpointWriteError, a UsageError naming the damaged checkpoint), so these copies are dropped;
+  LAYERSKIP_DEBUG=1 keeps them."""
 
-  def filter(self, record: std_logging.LogRecord) -> bool:  # an Orbax error with a traceback: it is re-raised
-    return not (record.levelno >= std_logging.ERROR and record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR:
+      return True
+    if record.name == 'asyncio':  # 'Task exception was never retrieved': only Orbax runs event loops here
+      return False
+    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)  # re-raised, one line
 
   @staticmethod
   def unraisablehook(previous):
@@ -57,7 +62,7 @@ def _quiet_orbax_errors() -> None:
   if installed or os.environ.get('LAYERSKIP_DEBUG'):
     return
   quiet = _QuietOrbaxErrors()
-  for logger in (std_logging.getLogger(), std_logging.getLogger('absl')):
+  for logger in (std_logging.getLogger(), std_logging.getLogger('absl'), std_logging.getLogger('asyncio')):
     logger.addFilter(quiet)
     for handler in logger.handlers:
       handler.addFilter(quiet)
