@@ -155,6 +155,45 @@ def test_sampling_filters(model):
   assert a.tokens == b.tokens  # seeded
 
 
+def _reference_probabilities(logits, temperature, top_k, top_p):
+  """The filters written plainly, per row in numpy: top-k (ties with the k-th kept), then top-p over what is left."""
+  out = []
+  for row in np.asarray(logits, np.float64) / max(temperature, 1e-6):
+    keep = np.ones_like(row, bool)
+    if top_k > 0:
+      keep &= row >= np.sort(row)[::-1][min(top_k, row.size) - 1]
+    probs = np.where(keep, np.exp(row - row.max()), 0.0)
+    probs /= probs.sum()
+    order = np.argsort(-row, kind='stable')
+    before = np.cumsum(probs[order]) - probs[order]
+    cut = row[order][(before < top_p) & keep[order]].min()
+    keep &= row >= cut
+    probs = np.where(keep, np.exp(row - row.max()), 0.0)
+    out.append(probs / probs.sum())
+  return np.stack(out)
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (1.3, 20, 0.5),
+                                                     (1.0, 1, 1.0), (1.0, 5000, 0.999)])
+def test_sampling_probabilities_match_a_plain_reference(temperature, top_k, top_p):
+  """One sort at most (none with both filters off): the same distribution as the filters written plainly, ties at
+  the k-th logit included."""
+  from layerskip_jax.inference.sampling import probabilities
+  logits = np.random.RandomState(0).randn(3, 512).astype(np.float32) * 3
+  logits[1, :40] = logits[1].max()  # a tie across the top-k cut
+  got = probabilities(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  np.testing.assert_allclose(np.asarray(got), _reference_probabilities(logits, temperature, top_k, top_p),
+                             atol=2e-6)
+
+
+def test_sampling_sorts_once_and_only_when_filtering():
+  import re
+  from layerskip_jax.inference.sampling import probabilities
+  hlo = jax.jit(probabilities).lower(jnp.zeros((2, 512)), jnp.float32(1), jnp.int32(0), jnp.float32(1)).compile()
+  text = hlo.as_text()
+  assert len(re.findall(r' sort\(', text)) == 1 and len(re.findall(r' conditional\(', text)) == 1
+
+
 @pytest.mark.parametrize('kwargs,message', [
     (dict(max_new_tokens=250), 'exceeds the model\'s max_position_embeddings=256'),
     (dict(strategy='self_speculative', exit_layer=4), 'exit_layer=4: must be in 1..3'),

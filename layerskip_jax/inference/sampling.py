@@ -43,20 +43,27 @@ def check_parameters(temperature, top_k, top_p, *, prefix: str = '') -> None:
 
 def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """float32 [..., V]: softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all) and to
-  the smallest set whose probability reaches top_p (1.0 = all), renormalised."""
+  the smallest set whose probability reaches top_p (1.0 = all), renormalised; tokens tied with the last one kept
+  are kept.
+
+  With both filters off nothing is sorted (a runtime branch: the values are traced); with either on, one sort of
+  the vocabulary finds both cut-offs (the k-th largest logit, and the smallest logit inside the top-p mass)."""
   logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-  vocab = logits.shape[-1]
-  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
-  logits = jnp.where(logits >= kth, logits, -jnp.inf)
-  sorted_probs = jax.nn.softmax(jnp.sort(logits, axis=-1)[..., ::-1], axis=-1)
-  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the strictly more likely tokens
-  keep_sorted = before < top_p  # always keeps the most likely token
-  threshold = jnp.min(jnp.where(keep_sorted, jnp.sort(logits, axis=-1)[..., ::-1], jnp.inf), axis=-1,
-                      keepdims=True)
-  logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.nn.softmax(logits, axis=-1)
+
+  def truncate(logits):
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(descending, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    in_top_k = descending >= kth
+    probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    keep = in_top_k & (before < top_p)  # always keeps the most likely token
+    threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+  filtered = (top_k > 0) | (top_p < 1.0)
+  return jax.nn.softmax(jax.lax.cond(filtered, truncate, lambda logits: logits, logits), axis=-1)
 
 
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
