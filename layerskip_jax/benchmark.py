@@ -253,6 +253,28 @@ def hf_reference(lm: api.LoadedModel, prompts: list[list[int]], max_new: int, ex
   return result
 
 
+def modelled_ms_per_token(ar: float, ee: float, d: int, acceptance_rate: float) -> float:
+  """What a self-speculative round should cost per token (spec section 2.4): d + 1 tokens through layers [0, E)
+  at the early exit's cost EE, and d + 1 rows verified through layers [E, L) at about one row's cost, AR - EE; the
+  round yields 1 + a tokens, a = acceptance_rate x d accepted drafts."""
+  return ((d + 1) * ee + (ar - ee)) / (1 + acceptance_rate * d)
+
+
+def add_efficiency(settings: list[dict]) -> None:
+  """Adds to each self-speculative setting its modelled ms/token (from the same run's autoregressive and
+  early-exit rows at its batch size and E, and its measured acceptance) and efficiency = modelled / measured
+  (1.0: the round costs what its layers cost; below: overhead). None where the early-exit row was not measured."""
+  rows = {(s['strategy'], s['batch_size'], s['exit_layer']): s for s in settings}
+  for s in settings:
+    s['modelled_ms_per_token'] = s['efficiency'] = None
+    ar = rows.get(('autoregressive', s['batch_size'], None))
+    ee = rows.get(('early_exit', s['batch_size'], s['exit_layer']))
+    if s['strategy'] == 'self_speculative' and ar and ee and s['acceptance_rate'] is not None:
+      s['modelled_ms_per_token'] = modelled_ms_per_token(ar['ms_per_token'], ee['ms_per_token'],
+                                                         s['num_speculations'], s['acceptance_rate'])
+      s['efficiency'] = s['modelled_ms_per_token'] / s['ms_per_token']
+
+
 def best_setting(settings: list[dict], batch: int) -> dict | None:
   """The self-speculative setting of `batch` with the highest measured speed-up."""
   candidates = [s for s in settings if s['strategy'] == 'self_speculative' and s['batch_size'] == batch]
@@ -304,6 +326,7 @@ def run_benchmark(lm: api.LoadedModel, prompts: list[list[int]], *, strategies, 
                        'prefill_ms': r['prefill_ms'], 'acceptance_rate': r['acceptance_rate'],
                        'speedup': ar['ms_per_token'] / r['ms_per_token'],
                        'agreement': float(np.mean([a == b for a, b in zip(r['tokens'], ar['tokens'])]))})
+  add_efficiency(settings)
   return {'settings': settings, 'best': {str(b): best_setting(settings, b) for b in batch_sizes}}
 
 
@@ -345,12 +368,16 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
   report.update(run_benchmark(lm, prompts, **sweep))
   report['floor_ms_per_token'] = 1e3 * weight_matmul_floor(lm)
   print(f'{"strategy":>17} {"B":>2} {"E":>2} {"d":>2} {"ms/token":>9} {"tok/s":>8} {"prefill ms":>10} '
-        f'{"accept":>7} {"speed-up":>8} {"agree":>6}')
+        f'{"accept":>7} {"speed-up":>8} {"agree":>6} {"modelled":>8} {"effic.":>6}')
   for s in report['settings']:
     accept = f'{s["acceptance_rate"]:.2f}' if s['acceptance_rate'] is not None else '-'
+    modelled = f'{s["modelled_ms_per_token"]:.3f}' if s['modelled_ms_per_token'] is not None else '-'
+    efficiency = f'{s["efficiency"]:.2f}' if s['efficiency'] is not None else '-'
     print(f'{s["strategy"]:>17} {s["batch_size"]:>2} {s["exit_layer"] or "-":>2} {s["num_speculations"] or "-":>2} '
           f'{s["ms_per_token"]:>9.3f} {s["tokens_per_sec"]:>8.0f} {s["prefill_ms"]:>10.1f} {accept:>7} '
-          f'{s["speedup"]:>7.2f}x {s["agreement"]:>6.2f}')
+          f'{s["speedup"]:>7.2f}x {s["agreement"]:>6.2f} {modelled:>8} {efficiency:>6}')
+  print('modelled: ms/token a round of d drafts should cost, (d + 1) EE(E) + AR - EE(E) per 1 + accepted tokens '
+        '(spec 2.4); effic.: modelled / measured (1.0 = no overhead)')
   ar1 = next((s for s in report['settings'] if s['strategy'] == 'autoregressive' and s['batch_size'] == 1), None)
   if ar1:
     report['autoregressive_over_floor'] = ar1['ms_per_token'] / report['floor_ms_per_token']

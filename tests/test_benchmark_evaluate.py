@@ -10,7 +10,7 @@ from conftest import ROOT
 from flax import nnx
 
 from layerskip_jax import api, checkpoint_dir, config as config_lib
-from layerskip_jax.benchmark import best_setting, read_prompts
+from layerskip_jax.benchmark import add_efficiency, best_setting, modelled_ms_per_token, read_prompts
 from layerskip_jax.evaluate import layerwise
 from layerskip_jax.errors import UsageError
 from layerskip_jax.model import ModelConfig, create
@@ -38,8 +38,10 @@ def test_benchmark_runs_end_to_end_with_its_schema(ckpt, tmp_path):
   report = json.loads(out.read_text())
   assert {'settings', 'best', 'floor_ms_per_token', 'autoregressive_over_floor', 'num_layers'} <= set(report)
   keys = {'strategy', 'batch_size', 'exit_layer', 'num_speculations', 'ms_per_token', 'tokens_per_sec', 'prefill_ms',
-          'acceptance_rate', 'speedup', 'agreement'}
+          'acceptance_rate', 'speedup', 'agreement', 'modelled_ms_per_token', 'efficiency'}
   assert all(set(s) == keys for s in report['settings'])
+  for s in report['settings']:  # every self-speculative row has its early-exit row here: it is modelled
+    assert (s['efficiency'] is not None) == (s['strategy'] == 'self_speculative')
   assert len(report['settings']) == 2 * (1 + 2 + 4)  # per batch size: AR, 2 early exits, 2 x 2 self-speculative
   for s in report['settings']:
     if s['strategy'] == 'self_speculative':
@@ -48,6 +50,22 @@ def test_benchmark_runs_end_to_end_with_its_schema(ckpt, tmp_path):
     spec = [s for s in report['settings'] if s['strategy'] == 'self_speculative' and s['batch_size'] == int(b)]
     assert report['best'][b]['speedup'] == max(s['speedup'] for s in spec)
   assert 'best at batch 1' in result.stdout and 'floor' in result.stdout
+
+
+def test_the_round_cost_model_of_spec_section_2_4():
+  """The 300-step tiny model's numbers (spec 2.4): AR 0.639, EE(5) 0.301 ms, d = 2, 62% of drafts accepted model
+  0.554 ms/token (measured 0.714: efficiency 0.78); all drafts accepted, d + 1 tokens for (d + 1) EE + AR - EE."""
+  assert modelled_ms_per_token(0.639, 0.301, 2, 0.62) == pytest.approx(0.554, abs=1e-3)
+  assert modelled_ms_per_token(0.639, 0.301, 2, 1.0) == pytest.approx((3 * 0.301 + 0.639 - 0.301) / 3)
+  settings = [{'strategy': 'autoregressive', 'batch_size': 1, 'exit_layer': None, 'ms_per_token': 0.639},
+              {'strategy': 'early_exit', 'batch_size': 1, 'exit_layer': 5, 'ms_per_token': 0.301},
+              {'strategy': 'self_speculative', 'batch_size': 1, 'exit_layer': 5, 'num_speculations': 2,
+               'acceptance_rate': 0.62, 'ms_per_token': 0.714},
+              {'strategy': 'self_speculative', 'batch_size': 1, 'exit_layer': 4, 'num_speculations': 2,
+               'acceptance_rate': 0.5, 'ms_per_token': 1.0}]
+  add_efficiency(settings)
+  assert settings[2]['efficiency'] == pytest.approx(0.554 / 0.714, abs=2e-3)
+  assert settings[3]['efficiency'] is None and settings[0]['efficiency'] is None  # no EE(4) row; not a round
 
 
 def test_best_setting_is_the_highest_speedup():
