@@ -82,8 +82,7 @@ class Checkpointer:
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler(),
                 DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    self._saving: int | None = None  # the step of a save that may still be in flight
-    self._last = 0  # the step of the last save started (named if closing fails)
+    self._last: int | None = None  # the step of the last save started (it may still be committing)
 
   def latest_step(self) -> int | None:
     finished = steps(self.directory.parent)
@@ -98,7 +97,7 @@ class Checkpointer:
           STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
           DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state)),
           META_ITEM: ocp.args.JsonSave(meta)}), force=True)
-    self._saving = self._last = step
+    self._last = step
 
   @contextlib.contextmanager
   def _write_errors(self, step: int):
@@ -108,9 +107,11 @@ class Checkpointer:
       cause = _os_error(e)
       if cause is None:
         raise
-      failed = self._saving if self._saving is not None else step
-      self._saving = None
-      last_good = [s for s in steps(self.directory.parent) if s != failed]
+      # Orbax reports a failed asynchronous save at the next call: the failed step is the last one started
+      # unless that one finished, then `step`.
+      finished = steps(self.directory.parent)
+      failed = self._last if self._last is not None and self._last not in finished else step
+      last_good = [s for s in finished if s != failed]
       good = f'step {last_good[-1]} ({self.directory / str(last_good[-1])})' if last_good else 'none'
       raise CheckpointWriteError(
           f'checkpoint step {failed} could not be written to {cause.filename or self.directory / str(failed)}: '
@@ -139,15 +140,14 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raises CheckpointWriteError if an asynchronous save has failed (cheap: no wait)."""
-    if self._saving is not None:
-      with self._write_errors(self._saving):
+    if self._last is not None:
+      with self._write_errors(self._last):
         self.manager.check_for_errors()
 
   def wait(self) -> None:
-    with self._write_errors(self._last):
+    with self._write_errors(self._last or 0):
       self.manager.wait_until_finished()
-    self._saving = None
 
   def close(self) -> None:
-    with self._write_errors(self._last):
+    with self._write_errors(self._last or 0):
       self.manager.close()
