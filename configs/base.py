@@ -51,6 +51,10 @@ def get_config() -> config_dict.ConfigDict:
   ls.rotation_period = 4  # R of the rotational curriculum
   ls.exit_token_fraction = 1.0  # share of token positions each early exit's loss is computed on (1.0 = all)
   ls.ce_chunk_len = 512  # sequence positions per chunk of each exit's cross-entropy (bounds the logits in memory)
+  ls.distill_weight = 0.0  # lambda of self-distillation (spec 1.5): exit loss (1 - l) CE + l D(last || exit); 0 = paper
+  ls.distill = 'soft'  # D: soft (KL to the last exit's distribution at distill_temperature) or hard (CE with its top-1)
+  ls.distill_temperature = 1.0  # tau of soft distillation (the KL is scaled by tau^2)
+  ls.distill_warmup = 0.0  # share of train.steps over which lambda ramps linearly from 0 (0 = constant lambda)
 
   # --- train ----------------------------------------------------------------------------------------------
   c.train = t = config_dict.ConfigDict()

@@ -92,8 +92,8 @@ if [[ $smoke -eq 1 ]]; then
 else
   train=(--config.train.eval_batches=16)
   evaluate=(--batches 16)
-  bench=(--num_prompts 4 --prompt_len 64 --max_new_tokens 128 '--exit_layers=2,4,5,6' '--num_speculations=2,4,6'
-         --repeats 3)
+  bench=(--num_prompts 16 --prompt_len 64 --max_new_tokens 128 '--exit_layers=2,4,5,6' '--num_speculations=1,2,3,4'
+         --repeats 3 --auto)
 fi
 train+=("${overrides[@]}")
 

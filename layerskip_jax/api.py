@@ -4,6 +4,8 @@
     lm = api.load('runs/tiny')                       # a training workdir or a converted checkpoint
     logits = lm.logits([[1, 15, 27]], exit_layer=4)  # g(x_4): [batch, seq, vocab], float32
     result = lm.generate(['def parse('], strategy='self_speculative', exit_layer=4, num_speculations=4)
+    result = lm.generate(['def parse('], strategy='self_speculative', exit_layer='auto', num_speculations='auto')
+    result.stats['auto']                             # E and d chosen by a calibration on the prompts, and why
 
 `inspect` reads what a checkpoint says about its model (config, tokenizer) without the weights, in milliseconds;
 commands check their flags against it first, so a bad value fails before the minutes a large model takes to load
@@ -16,7 +18,7 @@ import dataclasses
 import functools
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,10 @@ from ml_collections import config_dict
 from layerskip_jax import checkpoint_dir
 from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
-from layerskip_jax.inference.generate import GenerateResult, generate, uses_unstacked_layers
+from layerskip_jax.inference import calibrate
+from layerskip_jax.inference.cache import cache_length, check_length
+from layerskip_jax.inference.generate import (GenerateResult, check_request, cpu_decode_model, encode_prompts,
+                                              generate, uses_unstacked_layers)
 from layerskip_jax.model import ModelConfig, Transformer
 
 
@@ -43,6 +48,7 @@ class LoadedModel:
   tokenizer: tokenizer_lib.Tokenizer | None
   checkpoint: checkpoint_dir.CheckpointDir
   _layer_params: tuple | None = dataclasses.field(default=None, repr=False)  # decode layout on a CPU (generate)
+  _decode_model: Transformer | None = dataclasses.field(default=None, repr=False)  # its model (float32)
 
   @property
   def num_layers(self) -> int:
@@ -75,16 +81,76 @@ class LoadedModel:
     graphdef, state = nnx.split(self.model)
     return np.asarray(_logits(graphdef, state, jnp.asarray(tokens), jnp.int32(self._exit(exit_layer))))
 
-  def generate(self, prompts, *, strategy: str = 'autoregressive', exit_layer: int | None = None,
-               num_speculations: int = 4, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, **options) -> GenerateResult:
+  def generate(self, prompts, *, strategy: str = 'autoregressive', exit_layer: int | str | None = None,
+               num_speculations: int | str = 4, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, calibration_log: Callable[[str], None] | None = None,
+               **options) -> GenerateResult:
     """Generates for a list of strings (needs the tokenizer) or of token-id lists (ragged): see
-    layerskip_jax.inference.generate. Returns .tokens, .text (with a tokenizer) and .stats."""
-    if self._layer_params is None and uses_unstacked_layers():
-      self._layer_params = self.model.unstacked_layers()  # made once (a copy of the layer weights)
-    return generate(self.model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
+    layerskip_jax.inference.generate. Returns .tokens, .text (with a tokenizer) and .stats.
+
+    exit_layer='auto' and/or num_speculations='auto' (strategy='self_speculative'): E and d are chosen by a short
+    calibration on these prompts (inference/calibrate.py: seconds; calibration_log receives its progress line and
+    the choice's reason, e.g. print), then used; stats['auto'] says what was chosen and why. An integer for one of
+    them fixes it. The calibration is greedy (with sampling its choice is an estimate), and runs on every call: for
+    repeated calls choose once with calibrate.choose(lm, prompts) and pass its exit_layer and num_speculations."""
+    for name, value in (('exit_layer', exit_layer), ('num_speculations', num_speculations)):
+      if isinstance(value, str) and value != 'auto':
+        raise UsageError(f'{name}={value!r}: must be an integer or \'auto\'')
+    if exit_layer == 'auto' or num_speculations == 'auto':
+      return self._generate_auto(prompts, strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed, log=calibration_log, **options)
+    model = self.model
+    unstack = options.get('unstack_layers')
+    if (uses_unstacked_layers() if unstack is None else unstack) and options.get('layer_params') is None:
+      if self._layer_params is None:  # made once: the CPU decode layout (float32 copies of the layer weights)
+        self._decode_model = cpu_decode_model(self.model)
+        self._layer_params = self._decode_model.unstacked_layers(jnp.float32)
+      model = self._decode_model
+      options['layer_params'] = self._layer_params
+    return generate(model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
                     num_speculations=num_speculations, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, seed=seed, layer_params=self._layer_params, **options)
+                    top_k=top_k, top_p=top_p, seed=seed, **options)
+
+  def _generate_auto(self, prompts, *, strategy: str, exit_layer: int | str | None, num_speculations: int | str,
+                     max_new_tokens: int, log, **request) -> GenerateResult:
+    """generate() with E and/or d chosen by calibrate.choose on the request's own prompts (greedy calibration,
+    min(max_new_tokens, 32) tokens, the request's batch), then the request run with the choice."""
+    auto = 'exit_layer' if exit_layer == 'auto' else 'num_speculations'
+    if strategy != 'self_speculative':
+      raise UsageError(f'{auto}=auto: chooses E and d for strategy=\'self_speculative\', not {strategy!r}; give an '
+                       'integer (or use self_speculative)')
+    calibrate.check_auto(self.num_layers, auto)
+    # The request's other values are checked first (with stand-ins for the auto ones): a bad top_p fails at once.
+    stand_in = dict(exit_layer=1 if exit_layer == 'auto' else exit_layer,
+                    num_speculations=1 if num_speculations == 'auto' else num_speculations)
+    if request.get('max_speculations') is not None:
+      raise UsageError(f'max_speculations={request["max_speculations"]!r}: a d bucket is for a given d, not for '
+                       f'{auto}=auto (which runs each d it tries in its own program); leave it out')
+    check_request(self.model.config, strategy=strategy, **stand_in, temperature=request['temperature'],
+                  top_k=request['top_k'], top_p=request['top_p'],
+                  confidence_threshold=request.get('confidence_threshold', 0.0))
+    rows = encode_prompts(prompts, self.tokenizer)
+    config = self.model.config
+    width = max(map(len, rows))
+    check_length(config, width, max_new_tokens, stand_in['num_speculations'])
+    if max_new_tokens < 2:
+      raise UsageError(f'max_new_tokens={max_new_tokens}: {auto}=auto calibrates on at least 2 new tokens; give an '
+                       f'integer {auto} for fewer')
+    speculations = [num_speculations] if num_speculations != 'auto' else [
+        d for d in calibrate.DEFAULT_SPECULATIONS
+        if cache_length(width, max_new_tokens, d) <= config.max_position_embeddings]
+    choice = calibrate.choose(self, rows, max_new_tokens=min(max_new_tokens, 32),
+                              exit_layers=None if exit_layer == 'auto' else [exit_layer],
+                              num_speculations=speculations, batch_size=len(rows), log=log)
+    if choice.confidence_threshold:
+      request['confidence_threshold'] = choice.confidence_threshold
+    if choice.adapt_threshold:
+      request['adapt_threshold'] = True
+    result = self.generate(rows, strategy=strategy, exit_layer=choice.exit_layer,
+                           num_speculations=choice.num_speculations, max_new_tokens=max_new_tokens, **request)
+    result.stats['auto'] = choice.as_stats()
+    return result
 
 
 _TOKEN_IDS = re.compile(r'-?[0-9]+(?:\s+-?[0-9]+)*')

@@ -31,6 +31,7 @@ DEPTH_SCHEDULES = ('exp', 'uniform', 'linear', 'log', 'sin', 'sigmoid')
 TIME_SCHEDULES = ('constant', 'exp')
 DROPOUT_MODES = ('per_sample', 'per_batch')
 CURRICULA = ('rotational', 'gradual', 'none')
+DISTILLATION = ('soft', 'hard')
 
 _CHOICES = {
     'model.dtype': DTYPES,
@@ -42,6 +43,7 @@ _CHOICES = {
     'layerskip.time_schedule': TIME_SCHEDULES,
     'layerskip.dropout_mode': DROPOUT_MODES,
     'layerskip.curriculum': CURRICULA,
+    'layerskip.distill': DISTILLATION,
 }
 
 # key: (lowest allowed, highest allowed or None, whether the lowest is excluded)
@@ -68,6 +70,9 @@ _RANGES = {
     'layerskip.rotation_period': (1, None, False),
     'layerskip.exit_token_fraction': (0.0, 1.0, True),
     'layerskip.ce_chunk_len': (1, None, False),
+    'layerskip.distill_weight': (0.0, 1.0, False),
+    'layerskip.distill_temperature': (0.0, None, True),
+    'layerskip.distill_warmup': (0.0, 1.0, False),
     'train.steps': (1, None, False),
     'train.batch_size': (1, None, False),
     'train.grad_accum_steps': (1, None, False),

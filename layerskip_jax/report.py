@@ -205,9 +205,15 @@ def speedup_lines(benchmark: dict) -> list[str]:
   lines = []
   for batch, best in benchmark.get('best', {}).items():
     if best:
-      lines.append(f'self-speculative at batch {batch}: {best["speedup"]:.2f}x autoregressive (E={best["exit_layer"]}, '
-                   f'd={best["num_speculations"]}, acceptance {_fixed(best["acceptance_rate"], 2)}, '
-                   f'agreement with autoregressive {best["agreement"]:.2f})')
+      interval = best.get('speedup_interval')  # benchmarks before 2026-12 have none
+      spread = f' [{interval[0]:.2f}, {interval[1]:.2f}]' if isinstance(interval, list) and len(interval) == 2 else ''
+      lines.append(f'self-speculative at batch {batch}: {best["speedup"]:.2f}x autoregressive{spread} '
+                   f'(E={best["exit_layer"]}, d={best["num_speculations"]}, acceptance '
+                   f'{_fixed(best["acceptance_rate"], 2)}, agreement with autoregressive {best["agreement"]:.2f})')
+  for batch, auto in (benchmark.get('auto') or {}).items():
+    if isinstance(auto, dict) and isinstance(auto.get('speedup'), (int, float)):
+      lines.append(f'auto (E={auto.get("exit_layer")}, d={auto.get("num_speculations")}) at batch {batch}: '
+                   f'{auto["speedup"]:.2f}x autoregressive, {_fixed(auto.get("ratio_to_best"), 2)} of the best')
   if 'autoregressive_over_floor' in benchmark:
     lines.append(f'autoregressive: {benchmark["autoregressive_over_floor"]:.2f}x the weight-matmul floor '
                  f'({benchmark["floor_ms_per_token"]:.3f} ms/token)')

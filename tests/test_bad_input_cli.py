@@ -278,9 +278,14 @@ def test_evaluate_outputs(ckpt, existing, tmp_path):
      r'^--exit_layer=4: must be in 1\.\.3 for --strategy=self_speculative \(E counts layers run; the model has 4\)$'),
     (['--strategy', 'early_exit', '--exit_layer', '0'], r'^--exit_layer=0: must be in 1\.\.4'),
     (['--num_speculations', '0'], r'^--num_speculations=0: must be at least 1$'),
+    (['--confidence_threshold', '1.5'], r'^--confidence_threshold=1.5: must be a number in \[0, 1\]'),
+    (['--confidence_threshold', '-0.1'], r'^--confidence_threshold=-0.1: must be a number in \[0, 1\]'),
+    (['--num_speculations', '4', '--max_speculations', '2'],
+     r'^--max_speculations=2: the d bucket must hold d \(--num_speculations=4\): give at least 4'),
+    (['--exit_layer', 'auto', '--max_speculations', '8'], r'^--max_speculations=8: a d bucket is for a given d'),
     (['--max_new_tokens', '0'], r'^--max_new_tokens=0: must be at least 1$'),
-    (['--max_new_tokens', '250'], r"^--max_new_tokens=250: prompt \(3\) .* = 262 exceeds the model's "
-                                  r'max_position_embeddings=256; give --max_new_tokens <= 244$'),
+    (['--max_new_tokens', '250'], r"^--max_new_tokens=250: prompt \(3\) .* = 258 exceeds the model's "
+                                  r'max_position_embeddings=256; give --max_new_tokens <= 248$'),
 ])
 def test_generate_flags(ckpt, extra, match):
   refused(generate, '--ckpt', ckpt, '--prompt', '1 2 3', *extra, match=match)

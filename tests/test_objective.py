@@ -299,3 +299,83 @@ def test_exit_statistics_chunked_equal_a_full_logits_reference(small_model):
   vocab, tokens = small_model.config.vocab_size, batch['inputs'].size
   assert [s for s in shapes if s[-1] == vocab], 'the negative control: chunk logits are there'
   assert not [s for s in shapes if s[-1] == vocab and math.prod(s[:-1]) >= tokens], 'whole-sequence logits'
+
+
+# --- self-distillation (spec section 1.5) ------------------------------------------------------------------------
+
+def _reference_distillation(logits, teacher, targets, mask, kind, tau):
+  """The spec's D over the whole sequence at once: KL(p_L || p_l) tau^2 at temperature tau, or CE with argmax z_L."""
+  if kind == 'hard':
+    d = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(teacher, -1))
+  else:
+    p = jax.nn.softmax(teacher / tau, -1)
+    d = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits / tau, -1)), -1) * tau ** 2
+  return jnp.sum(d * mask) / jnp.sum(mask)
+
+
+@pytest.mark.parametrize('kind,tau', [('soft', 1.0), ('soft', 2.0), ('hard', 1.0)])
+def test_distillation_matches_an_unchunked_reference(small_model, kind, tau):
+  """Each early exit's term is (1 - lambda) CE + lambda D(last || exit), computed chunk by chunk (7 does not
+  divide 24) against the whole-sequence formula; the logged exit cross-entropies stay plain CE."""
+  batch = _batch()
+  batch['loss_mask'] = batch['loss_mask'].at[0, 20:].set(0)
+  lam = 0.3
+  cfg = ObjectiveConfig(total_steps=10, p_max=0.0, curriculum='none', ce_chunk_len=7, distill_weight=lam,
+                        distill=kind, distill_temperature=tau)
+  loss, metrics = nnx.jit(lambda m: layerskip_loss(m, batch, 1, 0, cfg))(small_model)
+  weights = np.asarray(objective.early_exit_weights(4, 1, 10, 'none', 4, 1.0))
+  teacher = small_model(batch['inputs'])
+  want = 0.0
+  for l in range(4):
+    logits = small_model(batch['inputs'], exit_layer=l + 1)
+    ce = float(_reference_ce(logits, batch['targets'], batch['loss_mask']))
+    if weights[l] == 0:  # exit 1: e(0) = 0, never supervised
+      assert np.isnan(float(metrics['exit_ce'][l]))
+      continue
+    assert abs(float(metrics['exit_ce'][l]) - ce) < 1e-5
+    if l < 3:
+      d = float(_reference_distillation(logits, teacher, batch['targets'], batch['loss_mask'], kind, tau))
+      want += weights[l] * ((1 - lam) * ce + lam * d)
+    else:
+      want += weights[l] * ce  # the last exit's own term: no distillation
+  assert abs(float(loss) - want) < 1e-5, (float(loss), want)
+
+
+def test_no_gradient_reaches_the_last_exit_through_distillation(small_model):
+  """D is taken against the last exit held fixed: its gradient with respect to the teacher's hidden state is zero,
+  while the student's is not."""
+  batch = _batch()
+  x0 = small_model.embed(batch['inputs'])
+  positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+  student, _ = small_model.run_layers(x0, positions, stop=1)
+  teacher, _ = small_model.run_layers(x0, positions)
+
+  def distilled(student, teacher):
+    return objective.distillation_sums(small_model, student, teacher, batch['targets'], batch['loss_mask'], 7)[1]
+
+  g_student, g_teacher = jax.grad(distilled, argnums=(0, 1))(student, teacher)
+  assert float(jnp.max(jnp.abs(g_teacher))) == 0.0 and float(jnp.max(jnp.abs(g_student))) > 0
+
+
+def test_distillation_config_is_checked():
+  from layerskip_jax import config as config_lib
+  for override, message in (('layerskip.distill=kl', "layerskip.distill='kl'"),
+                            ('layerskip.distill_weight=1.5', 'layerskip.distill_weight=1.5'),
+                            ('layerskip.distill_temperature=0', 'layerskip.distill_temperature=0')):
+    key, value = override.split('=')
+    with pytest.raises(config_lib.ConfigError, match=message.replace('.', r'\.').replace('(', r'\(')):
+      config_lib.load('tiny', {key: type(config_lib.load('tiny')[key.split('.')[0]][key.split('.')[1]])(value)
+                               if key != 'layerskip.distill' else value})
+
+
+def test_distillation_lambda_warms_up(small_model):
+  """With distill_warmup w, lambda ramps linearly from 0 to distill_weight over the first w x T steps: at step 0 the
+  loss is the paper's, halfway through the ramp it is the loss at lambda / 2."""
+  batch = _batch()
+  common = dict(total_steps=100, p_max=0.0, curriculum='none', ce_chunk_len=8)
+  loss = lambda cfg, step: float(layerskip_loss(small_model, batch, step, 0, ObjectiveConfig(**common, **cfg))[0])
+  warm = dict(distill_weight=0.6, distill_warmup=0.5)
+  assert loss(warm, 0) == pytest.approx(loss({}, 0), abs=1e-6)
+  assert loss(warm, 25) == pytest.approx(loss(dict(distill_weight=0.3), 25), abs=1e-5)
+  assert loss(warm, 80) == pytest.approx(loss(dict(distill_weight=0.6), 80), abs=1e-5)
+  assert loss(warm, 80) != pytest.approx(loss({}, 80), abs=1e-4)

@@ -70,7 +70,8 @@ def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedD
     if manifest is None:
       print(f'preparing {data.source}:{split} -> {out}')
       prepare_lib.prepare(data.source, tokenizer, out, split=split, source_flag='data.source',
-                          tokenizer_flag='data.tokenizer', out_flag='data.cache_dir', **options)
+                          tokenizer_flag='data.tokenizer', out_flag='data.cache_dir',
+                          progress=config.logging.progress_bar, **options)  # off: stderr holds only errors
     shards[split] = out
   return PreparedData(pathlib.Path(tokenizer), shards[data.train_split],
                       shards.get(data.eval_split) if data.eval_split else None)

@@ -8,6 +8,8 @@ after a rejected draft only moves the row's position; slots past it are masked b
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 from layerskip_jax.errors import UsageError
@@ -26,6 +28,8 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, m
   ('--' when the values came from command-line flags)."""
   if prompt_length < 1:
     raise UsageError('prompt: empty; give at least one token')
+  if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+    raise UsageError(f'{prefix}max_new_tokens={max_new_tokens!r}: must be an integer of at least 1')
   if max_new_tokens < 1:
     raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: must be at least 1')
   length = cache_length(prompt_length, max_new_tokens, max_speculations)

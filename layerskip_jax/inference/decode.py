@@ -1,7 +1,15 @@
 """Compiled decoding: prefill, then one lax.while_loop per call for autoregressive, early-exit or self-speculative
 generation (spec section 2.2, step by step). Batched: every row has its own position, accepts its own number of
-drafts and stops on its own (EOS ids or max_new_tokens). Exit E, d and the sampling settings are traced values, so
-sweeping them does not recompile; d is bounded by the static d_max.
+drafts, stops drafting on its own (a confidence threshold, or the tokens it may still emit) and stops on its own (EOS
+ids or max_new_tokens).
+
+What is compiled once and what is a runtime value:
+- d, the sampling settings and the drafting threshold are runtime values; the verify block is static: d_max + 1
+  rows, d_max the "d bucket" (generate() makes it d itself unless told otherwise: every verified row costs, so one
+  program per d is the fastest; a shared bucket serves every d up to it).
+- E is a runtime value on the CPU path (unstacked float32 layers, a lax.cond per layer: one program for every exit)
+  and static on the stacked-weights path (GPU/TPU: loops over exactly the layers a phase runs, no conditional per
+  layer; one program per exit), see Transformer.run_layers_cached.
 """
 
 from __future__ import annotations
@@ -26,6 +34,16 @@ class Sampling(NamedTuple):
   top_p: jax.Array  # float32, 1.0 = off
 
 
+class Drafting(NamedTuple):
+  """When a self-speculative row stops drafting early (spec section 2.5); runtime values, like E and d."""
+  threshold: jax.Array  # float32: stop after a draft whose top probability is below it (0 = off; the start value
+  #                       of every row's threshold when adapting)
+  adapt: jax.Array  # bool: move each row's threshold by ADAPT_STEP per round from its acceptance
+
+
+ADAPT_STEP = 0.05  # per round: up after a rejected draft, down after a row stopped by confidence had all accepted
+
+
 class DecodeState(NamedTuple):
   cache_k: jax.Array
   cache_v: jax.Array
@@ -35,8 +53,10 @@ class DecodeState(NamedTuple):
   n_out: jax.Array  # [B] how many are valid
   done: jax.Array  # [B]
   key: jax.Array
-  drafted: jax.Array  # [B]
+  drafted: jax.Array  # [B] drafts made (only drafts that could have been emitted: never past max_new)
   accepted: jax.Array  # [B]
+  rounds: jax.Array  # [B] self-speculative rounds each row took part in
+  threshold: jax.Array  # [B] float32: each row's draft-confidence threshold (Drafting)
   layer_rows: jax.Array  # [L] token rows each layer processed after prefill (meaningful rows only)
 
 
@@ -73,8 +93,10 @@ def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   x_e, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens), positions, cache_k, cache_v,
                                                      stop=exit_layer, layer_params=layer_params)
-  x_l, cache_k, cache_v, _ = model.run_layers_cached(x_e, positions, cache_k, cache_v, start=exit_layer,
-                                                     layer_params=layer_params)
+  x_l = x_e
+  if not isinstance(exit_layer, int) or exit_layer < model.config.num_hidden_layers:
+    x_l, cache_k, cache_v, _ = model.run_layers_cached(x_e, positions, cache_k, cache_v, start=exit_layer,
+                                                       layer_params=layer_params)
   last = (lengths - 1)[:, None, None]
   pick = lambda x: jnp.take_along_axis(x, last, axis=1)[:, 0]
   return model.head(pick(x_e)), model.head(pick(x_l)), cache_k, cache_v
@@ -94,46 +116,67 @@ def _one_token_step(model, layer_params, state: DecodeState, exit_layer, greedy,
                         layer_rows=state.layer_rows + ran * jnp.sum(active))
 
 
+def _top_probability(logits: jax.Array, probs: jax.Array | None) -> jax.Array:
+  """[B] the early exit's probability of its most likely token: the draft's confidence."""
+  if probs is not None:
+    return jnp.max(probs, axis=-1)
+  return 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
+
+
 def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_speculations, d_max, greedy,
-                       sampling, eos_ids, max_new):
-  """One round: draft d tokens with layers [0, E), run y_d through them too, verify the d + 1 positions with
-  layers [E, L) from the saved x_E, accept, emit, roll back (spec section 2.2)."""
+                       sampling, drafting: Drafting, eos_ids, max_new):
+  """One round: draft up to d tokens with layers [0, E), run the last draft through them too, verify the drafted
+  positions with layers [E, L) from the saved x_E, accept, emit, roll back (spec section 2.2).
+
+  A row drafts no more tokens than it could emit (the round emits accepted + 1 <= the tokens it may still add), and
+  stops after a draft whose top probability is below its threshold (the low-confidence draft is still verified).
+  The draft loop runs while any row drafts; rows that stopped ride along in the batch and what they compute past
+  their last draft is never used (their verify rows past it are not compared, and the cache slots it writes lie
+  past the row's valid length: masked, then overwritten)."""
   batch = state.y0.shape[0]
   vocab = model.config.vocab_size
   active = ~state.done
-  n_active = jnp.sum(active)
-  d = num_speculations
+  limit = jnp.where(active, jnp.minimum(num_speculations, max_new - state.n_out - 1), 0)
+  use_confidence = drafting.adapt | (drafting.threshold > 0)
 
-  def through_early_layers(carry, token, offset):
-    cache_k, cache_v, xq, rows = carry
+  def through_early_layers(cache_k, cache_v, xq, token, offset):
     x, cache_k, cache_v, ran = model.run_layers_cached(model.embed(token[:, None]), (state.pos + offset)[:, None],
                                                        cache_k, cache_v, stop=exit_layer,
                                                        layer_params=layer_params)
     xq = jax.lax.dynamic_update_slice_in_dim(xq, x, offset, axis=1)  # save x_E (the "Q" of the KVQ cache)
-    return (cache_k, cache_v, xq, rows + ran * n_active), x[:, 0]
+    return cache_k, cache_v, xq, x[:, 0], ran
 
-  def draft(k, carry):
-    inner, token, drafts, draft_probs, key = carry
-    inner, x_e = through_early_layers(inner, token, k)
+  def draft(carry):
+    k, cache_k, cache_v, xq, token, drafts, draft_probs, n_drafts, going, key = carry
+    cache_k, cache_v, xq, x_e, _ = through_early_layers(cache_k, cache_v, xq, token, k)
     key, sub = jax.random.split(key)
-    y, q = _choose(sub, model.head(x_e), greedy, sampling)
+    logits = model.head(x_e)
+    y, q = _choose(sub, logits, greedy, sampling)
+    # computed always (a softmax's max over the vocabulary: small beside the head's matmul), not under a
+    # conditional: on a GPU a conditional's predicate is read by the host
+    top = jnp.where(use_confidence, _top_probability(logits, q), 1.0)
     drafts = jax.lax.dynamic_update_slice_in_dim(drafts, y[:, None], k, axis=1)
     if q is not None:
       draft_probs = jax.lax.dynamic_update_slice_in_dim(draft_probs, q[:, None], k, axis=1)
-    return inner, y, drafts, draft_probs, key
+    n_drafts = n_drafts + going
+    going = going & (k + 1 < limit) & (top >= state.threshold)
+    return k + 1, cache_k, cache_v, xq, y, drafts, draft_probs, n_drafts, going, key
 
   xq = jnp.zeros((batch, d_max + 1, model.config.hidden_size), model.config.compute_dtype)
   drafts = jnp.zeros((batch, d_max), jnp.int32)
   draft_probs = None if greedy else jnp.zeros((batch, d_max, vocab), jnp.float32)
-  inner = (state.cache_k, state.cache_v, xq, state.layer_rows)
-  inner, y_d, drafts, draft_probs, key = jax.lax.fori_loop(0, d, draft, (inner, state.y0, drafts, draft_probs,
-                                                                         state.key))
-  (cache_k, cache_v, xq, rows), _ = through_early_layers(inner, y_d, d)  # y_d: x_E known for p..p+d
+  zeros = jnp.zeros((batch,), jnp.int32)
+  carry = (jnp.int32(0), state.cache_k, state.cache_v, xq, state.y0, drafts, draft_probs, zeros, limit > 0,
+           state.key)
+  k, cache_k, cache_v, xq, y_last, drafts, draft_probs, n_drafts, _, key = jax.lax.while_loop(
+      lambda carry: (carry[0] < num_speculations) & jnp.any(carry[-2]), draft, carry)
+  cache_k, cache_v, xq, _, ran_early = through_early_layers(cache_k, cache_v, xq, y_last, k)  # x_E of p..p+k known
 
   verify_pos = state.pos[:, None] + jnp.arange(d_max + 1)
-  x_l, cache_k, cache_v, ran = model.run_layers_cached(xq, verify_pos, cache_k, cache_v, start=exit_layer,
-                                                       layer_params=layer_params)
-  rows = rows + ran * n_active * (d + 1)  # meaningful rows; the block is static (d_max + 1)
+  x_l, cache_k, cache_v, ran_late = model.run_layers_cached(xq, verify_pos, cache_k, cache_v, start=exit_layer,
+                                                            layer_params=layer_params)
+  # meaningful rows: each active row's drafts and the token before them, through every layer once (KVQ reuse)
+  rows = state.layer_rows + (ran_early | ran_late) * jnp.sum(jnp.where(active, n_drafts + 1, 0))
   logits = model.head(x_l)  # row j judges draft j+1; row a gives the correction or the bonus token
 
   index = jnp.arange(d_max)
@@ -147,7 +190,7 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
     q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(accept_key, (batch, d_max))
     accepted_each = u * q_draft < p_draft  # u < min(1, p/q)
-  a = jnp.sum(jnp.cumprod(accepted_each & (index < d), axis=1), axis=1).astype(jnp.int32)
+  a = jnp.sum(jnp.cumprod(accepted_each & (index < n_drafts[:, None]), axis=1), axis=1).astype(jnp.int32)
   if greedy:
     next_token = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
   else:
@@ -156,53 +199,72 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
                               axis=1)[:, 0]
     residual = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
-    rejected = (a < d)[:, None]
+    rejected = (a < n_drafts)[:, None]
     dist = jnp.where(rejected & (mass > 0), residual / jnp.maximum(mass, 1e-30), p_a)
     next_token = sample(next_key, dist)
+
+  # Adapting the threshold (Draft & Verify's rule, per round): a rejected draft means the row drafted one too many:
+  # raise it; every draft accepted after confidence (not the limit) stopped the row: lower it.
+  stopped_early = n_drafts < limit
+  step = jnp.where(a < n_drafts, ADAPT_STEP, jnp.where(stopped_early, -ADAPT_STEP, 0.0))
+  threshold = jnp.where(drafting.adapt & active, jnp.clip(state.threshold + step, 0.0, 1.0), state.threshold)
 
   tokens = jnp.where(jnp.arange(d_max + 1) < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
   out, n_out, done = _emit(state, tokens, a + 1, eos_ids, max_new)
   return state._replace(
       cache_k=cache_k, cache_v=cache_v, y0=jnp.where(active, next_token, state.y0),
       pos=jnp.where(active, state.pos + a + 1, state.pos), out=out, n_out=n_out, done=done, key=key,
-      drafted=state.drafted + jnp.where(active, d, 0), accepted=state.accepted + jnp.where(active, a, 0),
-      layer_rows=rows)
+      drafted=state.drafted + n_drafts, accepted=state.accepted + jnp.where(active, a, 0),
+      rounds=state.rounds + active, threshold=threshold, layer_rows=rows)
+
+
+def _exits(model, strategy: str, exit_layer, static_exit: int | None):
+  """(E for the draft/early exit, the layer count L): Python ints where the exit is static (the stacked-weights
+  program), else E a traced int32 (one program for every exit)."""
+  num_layers = model.config.num_hidden_layers
+  if strategy == 'autoregressive':
+    return num_layers, num_layers
+  return (static_exit if static_exit is not None else jnp.asarray(exit_layer, jnp.int32)), num_layers
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'cache_len', 'greedy',
-                                             'eos_ids'))
-def prefill(graphdef, params, layer_params, tokens, lengths, exit_layer, sampling: Sampling, key, *, strategy: str,
-            max_new: int, d_max: int, cache_len: int, greedy: bool, eos_ids: tuple[int, ...]) -> DecodeState:
+                                             'eos_ids', 'static_exit'))
+def prefill(graphdef, params, layer_params, tokens, lengths, exit_layer, sampling: Sampling, drafting: Drafting, key,
+            *, strategy: str, max_new: int, d_max: int, cache_len: int, greedy: bool, eos_ids: tuple[int, ...],
+            static_exit: int | None = None) -> DecodeState:
   """Runs the right-padded prompts tokens [B, P] (lengths [B]) through every layer into a fresh cache and emits
-  the first token (from exit E for early_exit, else from the last exit)."""
+  the first token (from exit E for early_exit, else from the last exit). static_exit: E as a Python int (the
+  stacked-weights program, one per exit), else exit_layer is a runtime value."""
   model = nnx.merge(graphdef, params)
-  num_layers = model.config.num_hidden_layers
+  exit_layer, num_layers = _exits(model, strategy, exit_layer, static_exit)
   batch = tokens.shape[0]
   cache_k, cache_v = init_cache(model.config, batch, cache_len)
-  exit_layer = jnp.asarray(exit_layer, jnp.int32) if strategy != 'autoregressive' else jnp.int32(num_layers)
   logits_e, logits_l, cache_k, cache_v = _prefill(model, layer_params, tokens, lengths, cache_k, cache_v, exit_layer)
   key, sub = jax.random.split(key)
   first, _ = _choose(sub, logits_e if strategy == 'early_exit' else logits_l, greedy, sampling)
+  zeros = jnp.zeros((batch,), jnp.int32)
   state = DecodeState(cache_k=cache_k, cache_v=cache_v, y0=first, pos=lengths.astype(jnp.int32),
-                      out=jnp.zeros((batch, max_new + d_max + 1), jnp.int32), n_out=jnp.zeros((batch,), jnp.int32),
-                      done=jnp.zeros((batch,), bool), key=key, drafted=jnp.zeros((batch,), jnp.int32),
-                      accepted=jnp.zeros((batch,), jnp.int32), layer_rows=jnp.zeros((num_layers,), jnp.int32))
+                      out=jnp.zeros((batch, max_new + d_max + 1), jnp.int32), n_out=zeros,
+                      done=jnp.zeros((batch,), bool), key=key, drafted=zeros, accepted=zeros, rounds=zeros,
+                      threshold=jnp.full((batch,), drafting.threshold, jnp.float32),
+                      layer_rows=jnp.zeros((num_layers,), jnp.int32))
   out, n_out, done = _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), eos_ids, max_new)
   return state._replace(out=out, n_out=n_out, done=done)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'greedy', 'eos_ids'),
+@functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'greedy', 'eos_ids',
+                                             'static_exit'),
                    donate_argnums=(3,))
 def decode_loop(graphdef, params, layer_params, state: DecodeState, exit_layer, num_speculations,
-                sampling: Sampling, *,
-                strategy: str, max_new: int, d_max: int, greedy: bool, eos_ids: tuple[int, ...]) -> DecodeState:
+                sampling: Sampling, drafting: Drafting, *, strategy: str, max_new: int, d_max: int, greedy: bool,
+                eos_ids: tuple[int, ...], static_exit: int | None = None) -> DecodeState:
   """Generates until every row is done, in one lax.while_loop (no per-token dispatch or host transfer)."""
   model = nnx.merge(graphdef, params)
-  exit_layer = jnp.asarray(exit_layer, jnp.int32)
+  exit_layer, num_layers = _exits(model, strategy, exit_layer, static_exit)
   if strategy == 'self_speculative':
     step = lambda s: _speculative_round(model, layer_params, s, exit_layer, jnp.asarray(num_speculations, jnp.int32),
-                                        d_max, greedy, sampling, eos_ids, max_new)
+                                        d_max, greedy, sampling, drafting, eos_ids, max_new)
   else:
-    step_exit = exit_layer if strategy == 'early_exit' else jnp.int32(model.config.num_hidden_layers)
+    step_exit = exit_layer if strategy == 'early_exit' else num_layers
     step = lambda s: _one_token_step(model, layer_params, s, step_exit, greedy, sampling, eos_ids, max_new)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,12 +15,13 @@ from flax import nnx
 
 from layerskip_jax.data.tokenizer import Tokenizer
 from layerskip_jax.errors import UsageError
-from layerskip_jax.inference.cache import check_length
-from layerskip_jax.inference.decode import STRATEGIES, Sampling, decode_loop, prefill
+from layerskip_jax.inference.cache import cache_length, check_length
+from layerskip_jax.inference.decode import STRATEGIES, Drafting, Sampling, decode_loop, prefill
 from layerskip_jax.inference.sampling import check_parameters
 from layerskip_jax.model import ModelConfig, Transformer
 
-DEFAULT_MAX_SPECULATIONS = 8  # the static bound d_max: every d up to it shares one compiled program
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: a new prompt length reuses the compiled programs
+DEFAULT_ADAPT_THRESHOLD = 0.4  # where adapting starts when no threshold is given (Hugging Face's default)
 
 
 @dataclasses.dataclass
@@ -50,10 +52,13 @@ def encode_prompts(prompts: Sequence, tokenizer: Tokenizer | None) -> list[list[
 
 
 def check_request(config: ModelConfig, *, strategy: str, exit_layer: int | None, num_speculations: int,
-                  temperature: float, top_k: int, top_p: float, max_speculations: int = DEFAULT_MAX_SPECULATIONS,
-                  prefix: str = '') -> tuple[int, int]:
+                  temperature: float, top_k: int, top_p: float, max_speculations: int | None = None,
+                  confidence_threshold: float = 0.0, prefix: str = '') -> tuple[int, int]:
   """(exit layer, d_max) of a request, or UsageError naming the one value that is wrong. Needs only the model's
-  config: the `generate` command calls it (prefix='--': messages name its flags) before loading the weights."""
+  config: the `generate` command calls it (prefix='--': messages name its flags) before loading the weights.
+
+  d_max, the static d bucket, is the number of drafts the compiled verify block holds (it verifies d_max + 1 rows):
+  `max_speculations`, or d itself when None (one program per d; the fastest, since every verified row costs)."""
   num_layers = config.num_hidden_layers
   if strategy not in STRATEGIES:
     raise UsageError(f'{prefix}strategy={strategy!r}: must be one of {", ".join(STRATEGIES)}')
@@ -62,14 +67,66 @@ def check_request(config: ModelConfig, *, strategy: str, exit_layer: int | None,
   elif exit_layer is None:
     raise UsageError(f'{prefix}exit_layer: required for {prefix}strategy={strategy}')
   high = num_layers - 1 if strategy == 'self_speculative' else num_layers
+  if not isinstance(exit_layer, numbers.Integral) or isinstance(exit_layer, bool):
+    raise UsageError(f'{prefix}exit_layer={exit_layer!r}: must be an integer in 1..{high}')
   if not 1 <= exit_layer <= high:
     raise UsageError(f'{prefix}exit_layer={exit_layer}: must be in 1..{high} for {prefix}strategy={strategy} '
                      f'(E counts layers run; the model has {num_layers})')
+  if not isinstance(num_speculations, numbers.Integral) or isinstance(num_speculations, bool):
+    raise UsageError(f'{prefix}num_speculations={num_speculations!r}: must be an integer of at least 1')
   if strategy == 'self_speculative' and not 1 <= num_speculations:
     raise UsageError(f'{prefix}num_speculations={num_speculations}: must be at least 1')
+  if (not isinstance(confidence_threshold, numbers.Real) or isinstance(confidence_threshold, bool)
+      or not 0 <= confidence_threshold <= 1):
+    raise UsageError(f'{prefix}confidence_threshold={confidence_threshold!r}: must be a number in [0, 1] (a row '
+                     'stops drafting after a draft whose top probability is below it; 0 = off)')
   check_parameters(temperature, top_k, top_p, prefix=prefix)
-  d_max = max(max_speculations, num_speculations) if strategy == 'self_speculative' else 0
-  return exit_layer, d_max
+  exit_layer = int(exit_layer)  # a numpy integer would not count as a static (Python int) exit
+  if strategy != 'self_speculative':
+    return exit_layer, 0
+  if max_speculations is None:
+    return exit_layer, int(num_speculations)
+  if (not isinstance(max_speculations, numbers.Integral) or isinstance(max_speculations, bool)
+      or max_speculations < num_speculations):
+    raise UsageError(f'{prefix}max_speculations={max_speculations!r}: the d bucket must hold d '
+                     f'({prefix}num_speculations={num_speculations}): give at least {num_speculations}, or leave it '
+                     'unset (one program per d)')
+  return exit_layer, int(max_speculations)
+
+
+def prompt_width(length: int, max_new_tokens: int, d_max: int, max_positions: int) -> int:
+  """The prompt block's width: the longest prompt rounded up to PROMPT_BUCKET, so that a new prompt length reuses
+  the compiled programs; exact where the rounded block would not leave the cache room within the model's
+  positions."""
+  width = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+  return width if cache_length(width, max_new_tokens, d_max) <= max_positions else length
+
+
+def compiled_programs() -> int:
+  """How many decoding programs this process has compiled so far (prefill and decode loops)."""
+  return prefill._cache_size() + decode_loop._cache_size()
+
+
+def cpu_decode_model(model: Transformer) -> Transformer:
+  """The model the CPU decode path runs: itself when it computes in float32, else the same model with a float32
+  config whose embedding, final norm and head are float32 copies (same values); its stacked layers are left as they
+  are (no copy): the CPU path reads `unstacked_layers(jnp.float32)`, one float32 copy of every layer.
+
+  On a CPU, bfloat16 arithmetic is slower than float32 (no native bf16 matmul here), and its rounding makes a
+  (d + 1)-row verify and a one-row step part at near-ties (a 0.6% top-2 margin in the bf16 test model): in float32
+  self-speculative and autoregressive decoding choose the same tokens. Made once per loaded model (api caches it);
+  a bf16 model's float32 layers take twice its memory."""
+  if model.config.compute_dtype == jnp.float32 and model.config.weight_dtype == jnp.float32:
+    return model
+  config = model.config.replace(dtype='float32', param_dtype='float32')
+  graphdef, state = nnx.split(model)
+  target, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  cast = lambda path, a: a if path and path[0] == 'layers' else a.astype(jnp.float32)
+  return nnx.merge(target, jax.tree_util.tree_map_with_path(lambda p, a: cast(_keys(p), a), state))
+
+
+def _keys(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
 
 
 def uses_unstacked_layers() -> bool:
@@ -80,25 +137,43 @@ def uses_unstacked_layers() -> bool:
 def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | None = None,
              strategy: str = 'autoregressive', exit_layer: int | None = None, num_speculations: int = 4,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, max_speculations: int = DEFAULT_MAX_SPECULATIONS,
+             eos_ids: Sequence[int] | None = None, max_speculations: int | None = None,
+             confidence_threshold: float = 0.0, adapt_threshold: bool = False,
              unstack_layers: bool | None = None, layer_params: tuple | None = None) -> GenerateResult:
   """Batched generation (ragged prompts allowed) with one of STRATEGIES; see layerskip_jax/inference/decode.py.
 
-  unstack_layers: run the decode program on separately stored layer weights (see
-  Transformer.run_layers_cached); None = on a CPU backend only. layer_params: `model.unstacked_layers()` made
-  once, to reuse across calls (made here when needed and not given).
+  max_speculations: the static d bucket (verify block of max_speculations + 1 rows) shared by every d up to it;
+    None = d itself (one compiled program per d).
+  confidence_threshold: a self-speculative row stops drafting after a draft whose top probability (at the early
+    exit) is below it; 0 = off (always d drafts). adapt_threshold: adapt each row's threshold online from its
+    acceptance (up after a rejection, down after a row stopped by confidence had every draft accepted), starting
+    from confidence_threshold or DEFAULT_ADAPT_THRESHOLD. Both are runtime values (no recompile).
+  unstack_layers: run the decode program on separately stored layer weights in float32 (see
+    Transformer.run_layers_cached and cpu_decode_model); None = on a CPU backend only. Then E is a runtime value
+    (one program for every exit); on stacked weights (GPU/TPU) E is static: one program per exit, with no
+    conditional per layer.
+  layer_params: `cpu_decode_model(model).unstacked_layers()` made once, to reuse across calls (made here when
+    needed and not given; a model given with them is taken to be cpu_decode_model's already).
   """
-  config = model.config
-  exit_layer, d_max = check_request(config, strategy=strategy, exit_layer=exit_layer,
+  exit_layer, d_max = check_request(model.config, strategy=strategy, exit_layer=exit_layer,
                                     num_speculations=num_speculations, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, max_speculations=max_speculations)
+                                    top_p=top_p, max_speculations=max_speculations,
+                                    confidence_threshold=confidence_threshold)
+  if not isinstance(adapt_threshold, bool):
+    raise UsageError(f'adapt_threshold={adapt_threshold!r}: must be True or False')
+  if unstack_layers is None:
+    unstack_layers = uses_unstacked_layers()
+  if unstack_layers and layer_params is None:
+    model = cpu_decode_model(model)
+  config = model.config
   rows = encode_prompts(prompts, tokenizer)
   for i, row in enumerate(rows):
     if min(row) < 0 or max(row) >= config.vocab_size:
       raise UsageError(f'prompts[{i}]: token ids must lie in [0, {config.vocab_size})')
   lengths = np.asarray([len(r) for r in rows], np.int32)
-  width = int(lengths.max())
-  cache_len = check_length(config, width, max_new_tokens, d_max)
+  check_length(config, int(lengths.max()), max_new_tokens, d_max)
+  width = prompt_width(int(lengths.max()), max_new_tokens, d_max, config.max_position_embeddings)
+  cache_len = cache_length(width, max_new_tokens, d_max)
   tokens = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
@@ -106,34 +181,37 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
     eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
   greedy = temperature == 0
   sampling = Sampling(jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p))
+  threshold = confidence_threshold or (DEFAULT_ADAPT_THRESHOLD if adapt_threshold else 0.0)
+  drafting = Drafting(jnp.float32(threshold), jnp.bool_(adapt_threshold))
   graphdef, params = nnx.split(model)
-  if unstack_layers is None:
-    unstack_layers = uses_unstacked_layers()
   if not unstack_layers:
     layer_params = None
   elif layer_params is None:
-    layer_params = model.unstacked_layers()
-  static = dict(strategy=strategy, max_new=max_new_tokens, d_max=d_max, greedy=greedy, eos_ids=tuple(eos_ids))
+    layer_params = model.unstacked_layers(jnp.float32)
+  static = dict(strategy=strategy, max_new=max_new_tokens, d_max=d_max, greedy=greedy, eos_ids=tuple(eos_ids),
+                static_exit=None if unstack_layers or strategy == 'autoregressive' else exit_layer)
 
   begin = time.perf_counter()
   state = prefill(graphdef, params, layer_params, jnp.asarray(tokens), jnp.asarray(lengths), exit_layer, sampling,
-                  jax.random.key(seed), cache_len=cache_len, **static)
+                  drafting, jax.random.key(seed), cache_len=cache_len, **static)
   jax.block_until_ready(state.n_out)
   prefill_seconds = time.perf_counter() - begin
   begin = time.perf_counter()
-  state = decode_loop(graphdef, params, layer_params, state, exit_layer, num_speculations, sampling, **static)
-  out, n_out, drafted, accepted, layer_rows = jax.device_get(
-      (state.out, state.n_out, state.drafted, state.accepted, state.layer_rows))
+  state = decode_loop(graphdef, params, layer_params, state, exit_layer, num_speculations, sampling, drafting,
+                      **static)
+  out, n_out, drafted, accepted, rounds, layer_rows = jax.device_get(
+      (state.out, state.n_out, state.drafted, state.accepted, state.rounds, state.layer_rows))
   decode_seconds = time.perf_counter() - begin
 
   generated = [out[i, :n_out[i]].tolist() for i in range(len(rows))]
   per_row = [{'drafted': int(drafted[i]), 'accepted': int(accepted[i]),
-              'acceptance_rate': _rate(int(accepted[i]), int(drafted[i])), 'new_tokens': int(n_out[i])}
+              'acceptance_rate': _rate(int(accepted[i]), int(drafted[i])), 'new_tokens': int(n_out[i]),
+              'rounds': int(rounds[i])}
              for i in range(len(rows))]
   total_drafted, total_accepted = int(drafted.sum()), int(accepted.sum())
   stats = {'rows': per_row, 'drafted': total_drafted, 'accepted': total_accepted,
            'acceptance_rate': _rate(total_accepted, total_drafted), 'new_tokens': int(n_out.sum()),
-           'prefill_seconds': prefill_seconds, 'decode_seconds': decode_seconds,
+           'rounds': int(rounds.sum()), 'prefill_seconds': prefill_seconds, 'decode_seconds': decode_seconds,
            'layer_rows': layer_rows.tolist()}
   text = [tokenizer.decode(t) for t in generated] if tokenizer is not None else None
   return GenerateResult(tokens=generated, text=text, stats=stats)

@@ -141,47 +141,64 @@ class Transformer(nnx.Module):
     """Inference: layers [start, stop) on x [B, T, D] at `positions` [B, T] with the KV cache
     [L, B, kv_heads, S, head_dim] (see DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
 
-    Layers outside [start, stop) (traced values allowed: one program for every exit) are skipped with lax.cond,
-    and a layer's weights and cache slice are read inside its branch only, so a skipped layer costs nothing
-    (slicing them as scan inputs copied every layer's weights per call: 0.37 ms per token on tiny). Each running
-    layer stores its new K/V rows in place before it reads its cache slice (DecoderLayer.decode). `ran` tells which
-    layers ran.
+    Two layouts of the weights, two constructions:
 
-    layer_params (from `unstacked_layers()`, made once outside the compiled program): every layer's weights as
-    separate arrays, applied in an unrolled loop. On a CPU, XLA copies a slice of the stacked weights before each
-    matmul (static or dynamic slice alike), which doubles the bytes a decode step moves: the weight-matmul chain
-    of tiny measured 1.6-1.8 ms scanned over stacked weights against 0.8 ms with separate arrays. The program then
-    grows with depth, which is why it is the CPU decode path only (generate() decides).
+    - Stacked weights (layer_params None: the GPU/TPU path). start and stop must be Python ints (one compiled
+      program per exit there): a loop over exactly the layers [start, stop) that indexes the stack with the loop
+      counter. No conditional per layer: on a GPU XLA reads a conditional's predicate on the host (a round trip per
+      layer per token), and a branch that slices the stack may copy the layer's weights. A dynamic index of a loop
+      counter is how every scanned-layers decoder (MaxText, Levanter) reads its weights.
+    - layer_params (from `unstacked_layers()`, made once outside the compiled program: the CPU path): every layer's
+      weights as separate arrays, applied in an unrolled loop. On a CPU, XLA copies a slice of the stacked weights
+      before each matmul (static or dynamic slice alike), which doubles the bytes a decode step moves: the
+      weight-matmul chain of tiny measured 1.6-1.8 ms scanned over stacked weights against 0.8 ms with separate
+      arrays. start/stop may be traced values here (one program for every exit): layers outside [start, stop) are
+      skipped with lax.cond, and a layer's weights are read inside its branch only, so a skipped layer costs
+      nothing; with Python ints only the layers in range are emitted.
+
+    Each running layer stores its new K/V rows in place before it reads its cache slice (DecoderLayer.decode).
+    `ran` tells which layers ran.
     """
     c = self.config
-    stop = c.num_hidden_layers if stop is None else stop
+    num_layers = c.num_hidden_layers
+    stop = num_layers if stop is None else stop
     graphdef, state = nnx.split(self.layers)
     cos, sin = rope_tables(positions, c)
+    static_range = isinstance(start, int) and isinstance(stop, int)
+    if static_range and not 0 <= start < stop <= num_layers:
+      raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
 
-    def layer_step(carry, l, weights_of):
-      run = (l >= start) & (l < stop)
-
-      def apply(carry):  # the layer's weights are taken here, inside the branch: a skipped layer reads nothing
-        layer = nnx.merge(graphdef, weights_of(l))
-        return layer.decode(carry[0], cos, sin, positions, carry[1], carry[2], l)
-      return jax.lax.cond(run, apply, lambda carry: carry, carry), run
+    def apply(carry, l, weights):
+      layer = nnx.merge(graphdef, weights)
+      return layer.decode(carry[0], cos, sin, positions, carry[1], carry[2], l)
 
     carry = (x, cache_k, cache_v)
     if layer_params is None:
-      carry, ran = jax.lax.scan(lambda carry, l: layer_step(carry, l, lambda l: jax.tree.map(lambda a: a[l], state)),
-                                carry, jnp.arange(c.num_hidden_layers), unroll=c.scan_unroll)
-    else:
-      ran = []
-      for l in range(c.num_hidden_layers):
-        carry, run = layer_step(carry, l, lambda l: layer_params[l])
-        ran.append(run)
-      ran = jnp.stack(ran)
-    return (*carry, ran)
+      if not static_range:
+        raise ValueError('run_layers_cached on stacked weights needs a static layer range (Python ints); pass '
+                         'layer_params (unstacked_layers()) for a traced exit')
+      take = lambda l: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False), state)
+      carry = jax.lax.fori_loop(start, stop, lambda l, carry: apply(carry, l, take(l)), carry,
+                                unroll=c.scan_unroll)
+      return (*carry, (jnp.arange(num_layers) >= start) & (jnp.arange(num_layers) < stop))
+    ran = []
+    for l in range(num_layers):
+      if static_range:
+        if start <= l < stop:
+          carry = apply(carry, l, layer_params[l])
+        ran.append(jnp.bool_(start <= l < stop))
+        continue
+      run = (l >= start) & (l < stop)
+      carry = jax.lax.cond(run, lambda carry, l=l: apply(carry, l, layer_params[l]), lambda carry: carry, carry)
+      ran.append(run)
+    return (*carry, jnp.stack(ran))
 
-  def unstacked_layers(self) -> tuple[nnx.State, ...]:
-    """Every layer's parameters as separate arrays (a copy), for run_layers_cached(layer_params=...)."""
+  def unstacked_layers(self, dtype=None) -> tuple[nnx.State, ...]:
+    """Every layer's parameters as separate arrays (a copy, cast to `dtype` if given), for
+    run_layers_cached(layer_params=...)."""
     state = nnx.state(self.layers)
-    return tuple(jax.tree.map(lambda a: jnp.array(a[l]), state) for l in range(self.config.num_hidden_layers))
+    copy = lambda a: jnp.array(a, dtype=dtype)
+    return tuple(jax.tree.map(lambda a: copy(a[l]), state) for l in range(self.config.num_hidden_layers))
 
   # --- whole model ------------------------------------------------------------------------------------------
 

@@ -2,6 +2,10 @@
 
     J(t) = sum_l w(t, l) * CE(g(x_{l+1}), Y)
 
+With self-distillation (spec section 1.5, `distill_weight` lambda > 0) each early exit's term becomes
+(1 - lambda) CE(g(x_l), Y) + lambda D(g(x_L) || g(x_l)), the last exit held fixed; the last exit's own term and
+the logged per-exit cross-entropies are unchanged.
+
 Only the exits with non-zero weight are computed, at most `max_supervised_exits` of them per step (a static count),
 and each exit's cross-entropy runs over sequence chunks with the logits recomputed in the backward pass, so logits
 for all exits (or for a whole sequence) are never in memory at once.
@@ -38,6 +42,18 @@ class ObjectiveConfig:
   rotation_period: int = 4
   exit_token_fraction: float = 1.0
   ce_chunk_len: int = 512
+  distill_weight: float = 0.0
+  distill: str = 'soft'
+  distill_temperature: float = 1.0
+  distill_warmup: float = 0.0
+
+  def distill_lambda(self, step) -> jax.Array | float:
+    """lambda at step t: distill_weight, ramped linearly from 0 over the first distill_warmup x total_steps steps
+    (an early teacher is noise: hard distillation from step 0 collapsed tiny, spec 1.5)."""
+    ramp = self.distill_warmup * self.total_steps
+    if ramp <= 0:
+      return self.distill_weight
+    return self.distill_weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / ramp)
 
   @classmethod
   def from_config(cls, config: config_dict.ConfigDict) -> 'ObjectiveConfig':
@@ -107,6 +123,48 @@ def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array,
   return _sum_over_chunks(model, hidden, targets, mask.astype(jnp.float32), chunk_len, _cross_entropy)
 
 
+def _distillation(kind: str, temperature: float):
+  """stats(logits [B, c, V], (targets, teacher logits) [B, c] and [B, c, V], mask) -> (CE sum, D sum) of spec 1.5:
+  soft: KL(softmax(z_L / tau) || softmax(z_l / tau)) tau^2; hard: CE with argmax z_L. The teacher is held fixed."""
+  def stats(logits, targets_and_teacher, mask):
+    targets, teacher = targets_and_teacher
+    teacher = jax.lax.stop_gradient(teacher)
+    ce = _cross_entropy(logits, targets, mask)
+    if kind == 'hard':
+      return ce, _cross_entropy(logits, jnp.argmax(teacher, axis=-1), mask)
+    log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return ce, jnp.sum(kl * mask) * temperature ** 2
+  return stats
+
+
+def distillation_sums(model: Transformer, hidden: jax.Array, teacher_hidden: jax.Array, targets: jax.Array,
+                      mask: jax.Array, chunk_len: int, kind: str = 'soft', temperature: float = 1.0
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(sum of mask * CE(g(hidden), targets), sum of mask * D(g(teacher_hidden) || g(hidden))), float32, chunk by
+  chunk: the teacher's logits are computed per chunk as well (no [B, T, V] tensor for either), under stop-gradient
+  (no gradient reaches the teacher's layers through D)."""
+  _, (hidden_chunks, teacher_chunks, target_chunks, mask_chunks) = _chunked(
+      chunk_len, hidden, jax.lax.stop_gradient(teacher_hidden), targets, mask.astype(jnp.float32))
+  stats = _distillation(kind, temperature)
+
+  @jax.checkpoint
+  def chunk_stats(h, t, y, m):
+    # Tied to the student's chunk: the teacher's logits do not depend on the exit, and XLA hoisted them out of the
+    # loop over exits, all chunks at once (a [B, T, V] tensor: 1.58x the train step's temporaries for llama3_2_1b
+    # at 8k tokens).
+    h, t = jax.lax.optimization_barrier((h, t))
+    return stats(model.head(h), (y, model.head(t)), m)
+
+  def body(total, xs):
+    return jax.tree.map(jnp.add, total, chunk_stats(*xs)), None
+
+  total, _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)),
+                          (hidden_chunks, teacher_chunks, target_chunks, mask_chunks))
+  return total
+
+
 def _exit_token_subset(cfg: ObjectiveConfig, seq: int, step, microbatch, layer) -> jax.Array | None:
   """Sequence positions layer `layer`'s exit is scored on this step (None: all). Uniform without replacement,
   from a key that is a pure function of (seed, step, microbatch, layer): an unbiased estimate of the exit's CE."""
@@ -155,19 +213,27 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
   exit_ce = jnp.full((num_layers,), jnp.nan, jnp.float32).at[-1].set(ce_last)
 
   if num_early > 0:
-    def exit_ce_of(layer, h):  # h = x_{layer+1}: the output of layer `layer`
-      y, m = targets, mask
+    distill = cfg.distill_weight > 0
+
+    def exit_ce_of(layer, h):  # h = x_{layer+1}: the output of layer `layer`; (CE, the exit's loss)
+      y, m, teacher = targets, mask, x_last
       subset = _exit_token_subset(cfg, seq, step, microbatch, layer)
       if subset is not None:
-        h, y, m = h[:, subset], y[:, subset], m[:, subset]
-      return cross_entropy_sum(model, h, y, m, cfg.ce_chunk_len) / jnp.maximum(jnp.sum(m), 1.0)
+        h, y, m, teacher = h[:, subset], y[:, subset], m[:, subset], teacher[:, subset]
+      count = jnp.maximum(jnp.sum(m), 1.0)
+      if not distill:
+        ce = cross_entropy_sum(model, h, y, m, cfg.ce_chunk_len) / count
+        return ce, ce
+      ce, d = distillation_sums(model, h, teacher, y, m, cfg.ce_chunk_len, cfg.distill, cfg.distill_temperature)
+      lam = cfg.distill_lambda(step)
+      return ce / count, ((1 - lam) * ce + lam * d) / count
 
     # No lax.cond to skip padding entries (zero weight): a cond's residuals are stacked per iteration, head
     # weights included, which cost 1.5x the train step's memory on a 24-layer model; plain iterations keep the
     # loop-invariant weights out of the stack (1.08x).
     with jax.named_scope('early_exit_loss'):
-      _, early_ce = jax.lax.scan(lambda _, xs: (None, exit_ce_of(*xs)), None, (chosen, hidden))
-    loss = loss + jnp.sum(chosen_weights * early_ce)
+      _, (early_ce, early_loss) = jax.lax.scan(lambda _, xs: (None, exit_ce_of(*xs)), None, (chosen, hidden))
+    loss = loss + jnp.sum(chosen_weights * early_loss)
     exit_ce = exit_ce.at[chosen].set(jnp.where(chosen_weights > 0, early_ce, jnp.nan))
 
   return loss, {'loss': loss, 'ce_last': ce_last, 'exit_ce': exit_ce, 'tokens': tokens}

@@ -62,6 +62,8 @@ SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come
     'per_batch_p0.5_R4': dict(p_max=0.5, e_scale=1.0, dropout_mode='per_batch', time_schedule='constant',
                               curriculum='rotational', rotation_period=4),
     'all_exits_every_step': dict(p_max=0.1, e_scale=1.0, curriculum='none', time_schedule='constant'),
+    'layerskip_R4_p0.1_distill_soft0.5': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
+                                              time_schedule='constant', distill_weight=0.5, distill='soft'),
 }
 
 
@@ -139,7 +141,9 @@ def speed(config_name: str, steps: int, peak: float) -> dict:
 def memory(config_name: str, seq_len: int, batch: int) -> dict:
   results = {}
   for name, overrides in {'last_exit_only': dict(p_max=0.0, e_scale=0.0),
-                          'all_exits': dict(p_max=0.1, e_scale=1.0, curriculum='none')}.items():
+                          'all_exits': dict(p_max=0.1, e_scale=1.0, curriculum='none'),
+                          'all_exits_distilled': dict(p_max=0.1, e_scale=1.0, curriculum='none',
+                                                      distill_weight=0.5, distill='soft')}.items():
     config = config_lib.load(config_name, {**{f'layerskip.{k}': v for k, v in overrides.items()},
                                            'train.seq_len': seq_len, 'train.batch_size': batch,
                                            'train.grad_accum_steps': 1})
@@ -149,6 +153,8 @@ def memory(config_name: str, seq_len: int, batch: int) -> dict:
                      'argument_bytes': int(analysis.argument_size_in_bytes),
                      'output_bytes': int(analysis.output_size_in_bytes)}
   results['all_over_last_temp'] = results['all_exits']['temp_bytes'] / results['last_exit_only']['temp_bytes']
+  results['distilled_over_all_temp'] = (results['all_exits_distilled']['temp_bytes']
+                                        / results['all_exits']['temp_bytes'])
   return {'config': config_name, 'seq_len': seq_len, 'batch': batch, **results}
 
 
@@ -256,9 +262,10 @@ def main(args: cli.Args) -> None:
     report['memory'] = m = memory(f.memory_config, f.memory_seq_len, f.memory_batch)
     print(f'compiled train-step temporary memory, {f.memory_config}, seq {f.memory_seq_len}, batch '
           f'{f.memory_batch}:')
-    for name in ('last_exit_only', 'all_exits'):
-      print(f'  {name:16s} {m[name]["temp_bytes"] / 2**30:8.2f} GiB')
-    print(f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x')
+    for name in ('last_exit_only', 'all_exits', 'all_exits_distilled'):
+      print(f'  {name:20s} {m[name]["temp_bytes"] / 2**30:8.2f} GiB')
+    print(f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x; with soft self-distillation / without: '
+          f'{m["distilled_over_all_temp"]:.3f}x')
   if 'loop' in f.what:
     report['loop'] = r = loop(f.config, f.loop_steps, args.config_overrides)
     print(f'training loop on {f.config} ({r["batch"]} x {r["seq_len"]} tokens, {f.loop_steps} steps per setting): '
