@@ -55,6 +55,7 @@ def get_config() -> config_dict.ConfigDict:
   ls.distill = 'soft'  # D: soft (KL to the last exit's distribution at distill_temperature) or hard (CE with its top-1)
   ls.distill_temperature = 1.0  # tau of soft distillation (the KL is scaled by tau^2)
   ls.distill_warmup = 0.0  # share of train.steps over which lambda ramps linearly from 0 (0 = constant lambda)
+  ls.draft_exit = 0  # an exit E supervised at every step besides the curriculum (the one you draft from); 0 = none
 
   # --- train ----------------------------------------------------------------------------------------------
   c.train = t = config_dict.ConfigDict()

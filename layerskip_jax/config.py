@@ -73,6 +73,7 @@ _RANGES = {
     'layerskip.distill_weight': (0.0, 1.0, False),
     'layerskip.distill_temperature': (0.0, None, True),
     'layerskip.distill_warmup': (0.0, 1.0, False),
+    'layerskip.draft_exit': (0, None, False),
     'train.steps': (1, None, False),
     'train.batch_size': (1, None, False),
     'train.grad_accum_steps': (1, None, False),
@@ -279,6 +280,9 @@ def _validate_relations(config: config_dict.ConfigDict) -> None:
   if m.attention_impl == 'cudnn' and m.dtype == 'float32':
     raise ConfigError("model.attention_impl='cudnn': cuDNN's fused attention takes bfloat16 or float16 "
                       "(model.dtype='float32'); use model.dtype=bfloat16, or model.attention_impl=auto")
+  if config.layerskip.draft_exit >= m.num_hidden_layers:
+    raise ConfigError(f'layerskip.draft_exit={config.layerskip.draft_exit}: must be an early exit, 1..'
+                      f'{m.num_hidden_layers - 1} (the last exit is always supervised), or 0 for none')
   if m.scan_unroll > m.num_hidden_layers:
     raise ConfigError(f'model.scan_unroll={m.scan_unroll}: must be at most model.num_hidden_layers='
                       f'{m.num_hidden_layers}')

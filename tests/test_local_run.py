@@ -51,6 +51,27 @@ def test_dry_run_prints_the_whole_path_and_runs_nothing(tmp_path):
   assert next(c for c in bare if 'layerskip_jax.train' in c)[-1] != '--config.train.steps=6'  # full run
 
 
+def test_dry_run_equal_time_baseline(tmp_path):
+  """--with-baseline=time times both train steps side by side first, then trains the baseline for the steps that
+  take as long, in its own directory, and compares against it."""
+  result = _run('--dry-run', '--no-venv', '--with-baseline=time', '--workdir', str(tmp_path / 'run'),
+                '--config.train.steps=50')
+  assert result.returncode == 0, result.stderr
+  commands = _commands(result.stdout)
+  modules = [c[c.index('-m') + 1] for c in commands]
+  assert modules == ['layerskip_jax.train', 'layerskip_jax.train.bench', 'layerskip_jax.train',
+                     'layerskip_jax.evaluate', 'layerskip_jax.benchmark', 'layerskip_jax.report']
+  bench = commands[1]
+  assert bench[bench.index('--speed_settings') + 1] == 'preset,baseline' and '--config.train.steps=50' in bench
+  baseline = commands[2]
+  assert baseline[baseline.index('--workdir') + 1] == str(tmp_path / 'run') + '_baseline_time'
+  assert baseline[-1].startswith('--config.train.steps=')  # the equal-time count, after the run's own steps
+  evaluate = commands[3]
+  assert evaluate[evaluate.index('--compare') + 1] == str(tmp_path / 'run') + '_baseline_time'
+  bad = _run('--dry-run', '--with-baseline=wall')
+  assert bad.returncode == 2 and bad.stderr.strip() == 'local.sh: --with-baseline=wall: expected steps or time'
+
+
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
   """The whole path, small: train LayerSkip and the baseline, evaluate every exit, benchmark, report."""

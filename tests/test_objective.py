@@ -74,6 +74,23 @@ def test_rotational_active_sets():
     assert abs(weights.sum() - 1) < 1e-6 and weights[7] > 0
 
 
+def test_draft_exit_is_supervised_every_step():
+  """layerskip.draft_exit E adds exit E to every step's supervised set (weights renormalised); the rest of the
+  curriculum is unchanged, and the static bound grows by the one exit."""
+  for step in range(8):
+    plain = np.asarray(objective.early_exit_weights(8, step, 100, 'rotational', 2, 1.0))
+    w = np.asarray(objective.early_exit_weights(8, step, 100, 'rotational', 2, 1.0, draft_exit=4))
+    assert set(np.flatnonzero(w)) == set(np.flatnonzero(plain)) | {3}
+    assert abs(w.sum() - 1) < 1e-6
+    if plain[3] > 0:
+      np.testing.assert_allclose(w, plain, rtol=1e-6)
+  assert objective.max_supervised_exits(8, 100, 'rotational', 2, 1.0) == 4
+  assert objective.max_supervised_exits(8, 100, 'rotational', 2, 1.0, 4) == 5
+  from layerskip_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match=r'layerskip\.draft_exit=8: must be an early exit, 1\.\.7'):
+    config_lib.load('tiny', {'layerskip.draft_exit': 8})
+
+
 def test_gradual_active_sets():
   # L=4, T=16: layer l switches on at t >= (3 - l) * 16 / 8 = 6, 4, 2, 0
   expected_first = {3: 0, 2: 2, 1: 4, 0: 6}

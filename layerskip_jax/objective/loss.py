@@ -46,6 +46,7 @@ class ObjectiveConfig:
   distill: str = 'soft'
   distill_temperature: float = 1.0
   distill_warmup: float = 0.0
+  draft_exit: int = 0
 
   def distill_lambda(self, step) -> jax.Array | float:
     """lambda at step t: distill_weight, ramped linearly from 0 over the first distill_warmup x total_steps steps
@@ -198,8 +199,9 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
         num_layers, batch_size, step, microbatch, seed=cfg.seed, p_max=cfg.p_max, total_steps=cfg.total_steps,
         depth_schedule=cfg.depth_schedule, time_schedule=cfg.time_schedule, mode=cfg.dropout_mode)
   num_early = max_supervised_exits(num_layers, cfg.total_steps, cfg.curriculum, cfg.rotation_period,
-                                   cfg.e_scale) - 1  # the last exit is always supervised, on its own
-  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale)
+                                   cfg.e_scale, cfg.draft_exit) - 1  # the last exit is always supervised, on its own
+  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale,
+                               cfg.draft_exit)
   chosen_weights, chosen = jax.lax.top_k(weights[:-1], max(num_early, 1))  # every active early exit, then zeros
   x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'),
                                     layer_keep=layer_keep, sample_keep=sample_keep,

@@ -85,16 +85,21 @@ def curriculum_mask(num_layers: int, step: int | jax.Array, total_steps: int, cu
 
 
 def early_exit_weights(num_layers: int, step: int | jax.Array, total_steps: int, curriculum: str = 'rotational',
-                       rotation_period: int = 4, e_scale: float = 1.0) -> jax.Array:
-  """w(t, l) = C(t,l) e(l) / sum_i C(t,i) e(i): float32 [num_layers], zero for inactive exits, summing to 1."""
+                       rotation_period: int = 4, e_scale: float = 1.0, draft_exit: int = 0) -> jax.Array:
+  """w(t, l) = C(t,l) e(l) / sum_i C(t,i) e(i): float32 [num_layers], zero for inactive exits, summing to 1.
+
+  draft_exit E > 0 (beyond the paper) supervises exit E at every step, whatever the curriculum says: the exit
+  self-speculation will draft from gets the most training signal. 0 = the paper's curriculum alone."""
   c = curriculum_mask(num_layers, step, total_steps, curriculum, rotation_period)
+  if draft_exit > 0:
+    c = c | (jnp.arange(num_layers) == draft_exit - 1)
   weighted = jnp.where(c, early_exit_scales(num_layers, e_scale), 0.0)
   return weighted / jnp.sum(weighted)
 
 
 @functools.lru_cache(maxsize=None)
 def max_supervised_exits(num_layers: int, total_steps: int, curriculum: str, rotation_period: int,
-                         e_scale: float) -> int:
+                         e_scale: float, draft_exit: int = 0) -> int:
   """The most exits with non-zero weight at any step (a static bound: the loss computes this many per step)."""
   if curriculum == 'rotational':
     steps = range(min(rotation_period, total_steps))
@@ -104,4 +109,4 @@ def max_supervised_exits(num_layers: int, total_steps: int, curriculum: str, rot
     steps = [0]
   with jax.ensure_compile_time_eval():
     return max(int(np.sum(np.asarray(early_exit_weights(num_layers, t, total_steps, curriculum, rotation_period,
-                                                        e_scale)) > 0)) for t in steps)
+                                                        e_scale, draft_exit)) > 0)) for t in steps)

@@ -8,7 +8,9 @@ plain step, a Hugging Face torch Llama of the same shape trained in the same run
 peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
 speed: full train steps (forward, backward, AdamW) of the `--config` model (tiny: the 6.3M reference shape, hidden
 256, 8 layers, 4/2 heads, intermediate 688, vocab 1024, batch 16 x 256), compiled once per setting, timed after
-warm-up over a multiple of the rotation period; median step time, tokens/s, MFU, ratio to the plain step.
+warm-up over a multiple of the rotation period, the settings interleaved step by step (`--speed_settings` picks
+them; `preset` is the config as given, --config.k=v included); median step time, tokens/s, MFU, ratio to the plain
+step, and the plain steps that take as long as the preset's train.steps (launch/local.sh --with-baseline=time).
 torch: transformers' LlamaForCausalLM of the same shape with torch.optim.AdamW (when torch is installed).
 memory: the train step of a larger model is compiled (never run) with the early-exit loss on every exit and on the
 last exit only; `compiled.memory_analysis()` gives the temporary memory of each.
@@ -46,6 +48,7 @@ flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benc
 WHAT = ('speed', 'torch', 'memory', 'loop')
 flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, loop')
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
+flags.DEFINE_list('speed_settings', None, 'speed: the settings to time (default all); baseline is always timed')
 flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory benchmark (compiled, never run)')
 flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory benchmark')
 flags.DEFINE_integer('memory_batch', 1, 'batch of the memory benchmark')
@@ -53,6 +56,10 @@ flags.DEFINE_integer('loop_steps', 40, 'loop: train steps per loop setting (rows
 flags.DEFINE_string('json', None, 'write the results here')
 
 SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come from --config)
+    'preset': {},  # the --config as given, --config.k=v included: the recipe a run of it trains with
+    'preset_tokens0.25': dict(exit_token_fraction=0.25),  # ... with early exits scored on a quarter of positions
+    'preset_tokens0.125': dict(exit_token_fraction=0.125),
+    'preset_per_batch': dict(dropout_mode='per_batch'),  # ... with dropped layers skipped for the whole batch
     'baseline': dict(p_max=0.0, e_scale=0.0),
     'layerskip_R4_p0.1': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
                               time_schedule='constant'),
@@ -110,32 +117,47 @@ def torch_reference(config_name: str, steps: int) -> dict | None:
           'threads': torch.get_num_threads(), 'torch': torch.__version__}
 
 
-def speed(config_name: str, steps: int, peak: float) -> dict:
+def speed(config_name: str, steps: int, peak: float, names: list[str] | None = None,
+          overrides: list[str] = ()) -> dict:
+  """Each setting's train step, compiled once, then timed interleaved: `steps` rounds that each run every setting
+  once in turn, so the machine's drift falls on all settings alike (a shared CPU's speed varies 20-30% over
+  minutes). `preset` is the config exactly as given (with `overrides`); the others replace layerskip keys.
+  With `preset` the report also gives `equal_time_baseline_steps`: the plain steps that take as long as the
+  preset's train.steps (launch/local.sh --with-baseline=time trains the baseline that long)."""
   from layerskip_jax.model import ModelConfig
   from layerskip_jax.train.metrics import train_flops_per_token
-  results = {}
-  for name, overrides in SPEED_SETTINGS.items():
-    config = config_lib.load(config_name, {f'layerskip.{k}': v for k, v in overrides.items()})
+  names = list(SPEED_SETTINGS) if names is None else list(dict.fromkeys(['baseline', *names]))
+  runs = {}
+  for name in names:
+    applied = [*overrides, *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items())]
+    config = config_lib.load(config_name, applied)
     b, t = config.train.batch_size, config.train.seq_len
     start = time.perf_counter()
     compiled, state = compiled_train_step(config, b, t, concrete=True)
-    compile_s = time.perf_counter() - start
-    batch = synthetic_batch(config.model.vocab_size, b, t)
-    times = []
-    for i in range(steps + 2):
+    runs[name] = {'config': config, 'applied': applied, 'compiled': compiled, 'state': state, 'compile_s': time.perf_counter() - start,
+                  'batch': synthetic_batch(config.model.vocab_size, b, t), 'times': []}
+  for i in range(steps + 2):
+    for r in runs.values():
       begin = time.perf_counter()
-      state, metrics = compiled(state, batch, jnp.int32(i))
+      r['state'], metrics = r['compiled'](r['state'], r['batch'], jnp.int32(i))
       jax.block_until_ready(metrics)
       if i >= 2:
-        times.append(time.perf_counter() - begin)
+        r['times'].append(time.perf_counter() - begin)
+  results = {}
+  for name, r in runs.items():
+    config, median = r['config'], float(np.median(r['times']))
+    b, t = config.train.batch_size, config.train.seq_len
     flops = train_flops_per_token(ModelConfig.from_config(config.model), t) * b * t
-    results[name] = {'median_ms': 1e3 * float(np.median(times)), 'mean_ms': 1e3 * float(np.mean(times)),
-                     'compile_s': compile_s, 'tokens_per_sec': b * t / float(np.median(times)),
-                     'mfu': flops / float(np.median(times)) / peak, 'overrides': overrides}
+    results[name] = {'median_ms': 1e3 * median, 'mean_ms': 1e3 * float(np.mean(r['times'])),
+                     'compile_s': r['compile_s'], 'tokens_per_sec': b * t / median, 'mfu': flops / median / peak,
+                     'overrides': r['applied']}
   base = results['baseline']['median_ms']
   for r in results.values():
     r['vs_baseline'] = r['median_ms'] / base
-  return {'config': config_name, 'steps': steps, 'settings': results}
+  report = {'config': config_name, 'steps': steps, 'settings': results}
+  if 'preset' in results:
+    report['equal_time_baseline_steps'] = round(runs['preset']['config'].train.steps * results['preset']['vs_baseline'])
+  return report
 
 
 def memory(config_name: str, seq_len: int, batch: int) -> dict:
@@ -235,17 +257,23 @@ def main(args: cli.Args) -> None:
   for name in ('steps', 'memory_seq_len', 'memory_batch', 'loop_steps'):
     if f[name].value < 1:
       raise UsageError(f'--{name}={f[name].value}: must be at least 1')
+  unknown = [s for s in f.speed_settings or () if s not in SPEED_SETTINGS]
+  if unknown or f.speed_settings == []:
+    raise UsageError(f'--speed_settings={",".join(f.speed_settings)}: expected any of {", ".join(SPEED_SETTINGS)}')
   json_path = outputs.check_file('--json', f.json)  # before the benchmark, not after it
   report = {'backend': jax.default_backend(), 'devices': jax.device_count()}
   if 'speed' in f.what or 'torch' in f.what:
     report['matmul_peak_gflops'] = matmul_peak_flops() / 1e9
     print(f'measured float32 matmul peak: {report["matmul_peak_gflops"]:.0f} GFLOP/s (the MFU denominator)')
   if 'speed' in f.what:
-    report['speed'] = speed(f.config, f.steps, report['matmul_peak_gflops'] * 1e9)
-    print(f'train step on {f.config} ({report["backend"]}), median of {f.steps} steps:')
+    report['speed'] = speed(f.config, f.steps, report['matmul_peak_gflops'] * 1e9, f.speed_settings,
+                            args.config_overrides)
+    print(f'train step on {f.config} ({report["backend"]}), median of {f.steps} interleaved steps:')
     for name, r in report['speed']['settings'].items():
-      print(f'  {name:32s} {r["median_ms"]:8.1f} ms  {r["vs_baseline"]:5.2f}x baseline  '
+      print(f'  {name:36s} {r["median_ms"]:8.1f} ms  {r["vs_baseline"]:5.2f}x baseline  '
             f'{r["tokens_per_sec"]:8.0f} tok/s  MFU {r["mfu"]:.2f}')
+    if 'equal_time_baseline_steps' in report['speed']:
+      print(f'  a baseline as long as the preset\'s run: {report["speed"]["equal_time_baseline_steps"]} steps')
   if 'torch' in f.what:
     report['torch'] = torch_reference(f.config, f.steps)
     if report['torch'] is None:
