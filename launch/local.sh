@@ -49,8 +49,8 @@ while [[ $# -gt 0 ]]; do
     --venv) [[ $# -ge 2 ]] || { echo "local.sh: --venv needs a directory" >&2; exit 2; }; venv="$2"; shift 2 ;;
     --venv=*) venv="${1#*=}"; shift ;;
     --smoke) smoke=1; shift ;;
-    --with-baseline|--with-baseline=steps) baseline=steps; shift ;;
-    --with-baseline=time) baseline=time; shift ;;
+    --with-baseline|--with-baseline=steps) baseline='steps'; shift ;;
+    --with-baseline=time) baseline='time'; shift ;;
     --with-baseline=*) echo "local.sh: --with-baseline=${1#*=}: expected steps or time" >&2; exit 2 ;;
     --no-venv) use_venv=0; shift ;;
     --dry-run) dry_run=1; shift ;;
