@@ -134,8 +134,9 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
     b, t = config.train.batch_size, config.train.seq_len
     start = time.perf_counter()
     compiled, state = compiled_train_step(config, b, t, concrete=True)
-    runs[name] = {'config': config, 'applied': applied, 'compiled': compiled, 'state': state, 'compile_s': time.perf_counter() - start,
-                  'batch': synthetic_batch(config.model.vocab_size, b, t), 'times': []}
+    runs[name] = {'config': config, 'applied': applied, 'compiled': compiled, 'state': state,
+                  'compile_s': time.perf_counter() - start, 'batch': synthetic_batch(config.model.vocab_size, b, t),
+                  'times': []}
   for i in range(steps + 2):
     for r in runs.values():
       begin = time.perf_counter()
@@ -156,7 +157,8 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
     r['vs_baseline'] = r['median_ms'] / base
   report = {'config': config_name, 'steps': steps, 'settings': results}
   if 'preset' in results:
-    report['equal_time_baseline_steps'] = round(runs['preset']['config'].train.steps * results['preset']['vs_baseline'])
+    preset_steps = runs['preset']['config'].train.steps
+    report['equal_time_baseline_steps'] = round(preset_steps * results['preset']['vs_baseline'])
   return report
 
 
