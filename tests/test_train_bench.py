@@ -32,3 +32,22 @@ def test_bad_speed_settings_are_one_line():
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and '--speed_settings=preset,fastest: expected any of preset, ' in lines[0], result.stderr
+
+
+def test_flops_counts_each_exit_the_step_computes():
+  """The compiled count scales the exits' loop (whose body XLA counts once) by the exits computed: a setting's extra
+  FLOPs are n x one exit's head, loss and gradient, about 8 x hidden x vocab per scored token (forward, the logits
+  recomputed in the backward pass, and two backward matmuls), three quarters of which exit_token_fraction 0.25
+  saves."""
+  report = bench.flops('tiny', 64, 1, ('preset', 'preset_tokens0.25'), ['layerskip.exit_token_fraction=1'])
+  settings = report['settings']
+  base, preset, quarter = settings['baseline'], settings['preset'], settings['preset_tokens0.25']
+  assert base['early_exits_computed'] == 0 and base['vs_baseline'] == 1.0
+  assert preset['early_exits_computed'] == quarter['early_exits_computed'] == 3  # rotational R=2 over 8 layers
+  head = 8 * 256 * 1024 * 64  # tiny: hidden 256, vocab 1024; 64 tokens
+  assert 0.95 < preset['one_exit_flops'] / head < 1.15, preset['one_exit_flops'] / head
+  saved = preset['one_exit_flops'] - quarter['one_exit_flops']  # the head's work on the unscored 3/4 of positions
+  assert 0.95 < saved / (0.75 * head) < 1.05, saved / (0.75 * head)
+  assert preset['step_flops'] == base['counted_flops'] + 3 * preset['one_exit_flops']
+  # the layers are unrolled: the plain count is the model's, not one layer's (6 x matmul parameters per token)
+  assert base['counted_flops'] > 6 * 6.0e6 * 64

@@ -3,6 +3,7 @@ plain step, a Hugging Face torch Llama of the same shape trained in the same run
 
     python -m layerskip_jax.train.bench --json train_bench.json     # speed, torch, memory
     python -m layerskip_jax.train.bench --what memory --memory_config llama_1_5b --memory_seq_len 2048
+    python -m layerskip_jax.train.bench --what flops --memory_config llama_1_5b --memory_seq_len 4096
     python -m layerskip_jax.train.bench --what loop --json loop.json [--config.data.cache_dir=...]
 
 peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
@@ -14,6 +15,9 @@ step, and the plain steps that take as long as the preset's train.steps (launch/
 torch: transformers' LlamaForCausalLM of the same shape with torch.optim.AdamW (when torch is installed).
 memory: the train step of a larger model is compiled (never run) with the early-exit loss on every exit and on the
 last exit only; `compiled.memory_analysis()` gives the temporary memory of each.
+flops: the same larger model's train step compiled (never run) as the plain step, the preset's recipe and its cheaper
+forms; XLA's cost analysis of each gives the FLOPs one step costs and its ratio to the plain step (`flops` says how;
+--config.k=v overrides apply to its config too).
 loop: what the training loop costs beyond its compiled step. The trainer itself runs `--loop_steps` steps of the
 `--config` model on its real data (no evaluation, no checkpoint but the last; `--config.k=v` overrides apply) in
 a few loop settings, and reports the host's own work per step (data, transfers, metrics rows, preemption checks:
@@ -45,13 +49,13 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.train.step import compiled_train_step, synthetic_batch
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
-WHAT = ('speed', 'torch', 'memory', 'loop')
-flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, loop')
+WHAT = ('speed', 'torch', 'memory', 'flops', 'loop')
+flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, flops, loop')
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
 flags.DEFINE_list('speed_settings', None, 'speed: the settings to time (default all); baseline is always timed')
-flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory benchmark (compiled, never run)')
-flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory benchmark')
-flags.DEFINE_integer('memory_batch', 1, 'batch of the memory benchmark')
+flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory and flops benchmarks (compiled, never run)')
+flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory and flops benchmarks')
+flags.DEFINE_integer('memory_batch', 1, 'batch of the memory and flops benchmarks')
 flags.DEFINE_integer('loop_steps', 40, 'loop: train steps per loop setting (rows after the first are timed)')
 flags.DEFINE_string('json', None, 'write the results here')
 
@@ -60,6 +64,9 @@ SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come
     'preset_tokens0.25': dict(exit_token_fraction=0.25),  # ... with early exits scored on a quarter of positions
     'preset_tokens0.125': dict(exit_token_fraction=0.125),
     'preset_per_batch': dict(dropout_mode='per_batch'),  # ... with dropped layers skipped for the whole batch
+    'preset_dropout_only': dict(e_scale=0.0),  # ... its layer-dropout masks alone (last exit only): what they cost
+    'preset_exits_only': dict(p_max=0.0),  # ... its early-exit loss alone (no layer dropout)
+    'preset_distilled': dict(distill_weight=0.5, distill='soft', distill_warmup=0.5),  # ... with self-distillation
     'baseline': dict(p_max=0.0, e_scale=0.0),
     'layerskip_R4_p0.1': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
                               time_schedule='constant'),
@@ -182,6 +189,47 @@ def memory(config_name: str, seq_len: int, batch: int) -> dict:
   return {'config': config_name, 'seq_len': seq_len, 'batch': batch, **results}
 
 
+FLOPS_SETTINGS = ('baseline', 'preset', 'preset_tokens0.25', 'preset_tokens0.125')
+
+
+def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = FLOPS_SETTINGS,
+          overrides: list[str] = ()) -> dict:
+  """FLOPs of one train step of `config_name` at batch x seq_len, per SPEED_SETTINGS entry, from XLA's cost analysis
+  of the compiled step (never run), and each one's ratio to the plain step.
+
+  XLA counts a loop's body once, whatever its trip count, so each step is compiled with its layers unrolled
+  (model.scan_unroll = L), each exit's cross-entropy in one chunk (ce_chunk_len = seq_len) and dense attention
+  (attention_impl xla: no loop over key blocks; it also counts the masked half of the causal scores, so the ratios
+  are slightly conservative). What remains a loop is the scan over the early exits a step computes, a static count
+  n (the curriculum's maximum: entries of zero weight are computed too), whose body, one exit's head, loss and
+  gradient, is counted once. So a setting's step costs plain + n x (its count - the plain count); the layer-dropout
+  masks, also in that difference, are counted n times over (a few elementwise FLOPs per layer and sample).
+  `overrides` (k=v) apply to config_name before each setting's own."""
+  from layerskip_jax.objective.loss import ObjectiveConfig
+  from layerskip_jax.objective.schedules import max_supervised_exits
+  results = {}
+  for name in dict.fromkeys(['baseline', *names]):
+    applied = [*overrides, *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items()),
+               f'train.seq_len={seq_len}', f'train.batch_size={batch}', 'train.grad_accum_steps=1',
+               f'layerskip.ce_chunk_len={seq_len}', 'model.attention_impl=xla']
+    config = config_lib.load(config_name, applied)
+    config = config_lib.load(config_name, [*applied, f'model.scan_unroll={config.model.num_hidden_layers}'])
+    compiled, _ = compiled_train_step(config, batch, seq_len, concrete=False)
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    o = ObjectiveConfig.from_config(config)
+    early = max_supervised_exits(config.model.num_hidden_layers, o.total_steps, o.curriculum, o.rotation_period,
+                                 o.e_scale, o.draft_exit) - 1
+    results[name] = {'counted_flops': float(analysis['flops']), 'early_exits_computed': early,
+                     'overrides': SPEED_SETTINGS[name]}
+  plain = results['baseline']['counted_flops']
+  for r in results.values():
+    r['one_exit_flops'] = r['counted_flops'] - plain if r['early_exits_computed'] else 0.0
+    r['step_flops'] = plain + r['early_exits_computed'] * r['one_exit_flops']
+    r['vs_baseline'] = r['step_flops'] / plain
+  return {'config': config_name, 'seq_len': seq_len, 'batch': batch, 'settings': results}
+
+
 LOOP_SETTINGS = {  # name -> overrides of the trainer's config (on top of --config and the command line's)
     'log_every_1': {'train.log_every': 1},
     'log_every_10': {'train.log_every': 10},
@@ -296,6 +344,13 @@ def main(args: cli.Args) -> None:
       print(f'  {name:20s} {m[name]["temp_bytes"] / 2**30:8.2f} GiB')
     print(f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x; with soft self-distillation / without: '
           f'{m["distilled_over_all_temp"]:.3f}x')
+  if 'flops' in f.what:
+    report['flops'] = r = flops(f.memory_config, f.memory_seq_len, f.memory_batch, overrides=args.config_overrides)
+    print(f'compiled train-step FLOPs, {f.memory_config}, seq {f.memory_seq_len}, batch {f.memory_batch} (XLA cost '
+          'analysis, layers unrolled; early exits: computed per step x one exit):')
+    for name, s in r['settings'].items():
+      print(f'  {name:20s} {s["step_flops"] / 1e12:8.2f} TFLOP  {s["vs_baseline"]:5.3f}x baseline  '
+            f'({s["early_exits_computed"]} early exits of {s["one_exit_flops"] / 1e9:.1f} GFLOP)')
   if 'loop' in f.what:
     report['loop'] = r = loop(f.config, f.loop_steps, args.config_overrides)
     print(f'training loop on {f.config} ({r["batch"]} x {r["seq_len"]} tokens, {f.loop_steps} steps per setting): '
