@@ -60,6 +60,12 @@ class ObjectiveConfig:
   def from_config(cls, config: config_dict.ConfigDict) -> 'ObjectiveConfig':
     return cls(total_steps=config.train.steps, seed=config.train.seed, **config.layerskip.to_dict())
 
+  def num_early_exits(self, num_layers: int) -> int:
+    """The early exits a step computes (a static count: the curriculum's maximum, draft_exit included; entries of
+    zero weight are computed too). The last exit is always supervised, on its own, besides these."""
+    return max_supervised_exits(num_layers, self.total_steps, self.curriculum, self.rotation_period, self.e_scale,
+                                self.draft_exit) - 1
+
   @property
   def is_baseline(self) -> bool:
     """p_max = 0 and e_scale = 0: a plain language-model step (last exit only, no masks)."""
@@ -198,8 +204,7 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
     layer_keep, sample_keep = keep_masks(
         num_layers, batch_size, step, microbatch, seed=cfg.seed, p_max=cfg.p_max, total_steps=cfg.total_steps,
         depth_schedule=cfg.depth_schedule, time_schedule=cfg.time_schedule, mode=cfg.dropout_mode)
-  num_early = max_supervised_exits(num_layers, cfg.total_steps, cfg.curriculum, cfg.rotation_period,
-                                   cfg.e_scale, cfg.draft_exit) - 1  # the last exit is always supervised, on its own
+  num_early = cfg.num_early_exits(num_layers)
   weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale,
                                cfg.draft_exit)
   chosen_weights, chosen = jax.lax.top_k(weights[:-1], max(num_early, 1))  # every active early exit, then zeros

@@ -206,7 +206,6 @@ def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = F
   masks, also in that difference, are counted n times over (a few elementwise FLOPs per layer and sample).
   `overrides` (k=v) apply to config_name before each setting's own."""
   from layerskip_jax.objective.loss import ObjectiveConfig
-  from layerskip_jax.objective.schedules import max_supervised_exits
   results = {}
   for name in dict.fromkeys(['baseline', *names]):
     applied = [*overrides, *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items()),
@@ -217,9 +216,7 @@ def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = F
     compiled, _ = compiled_train_step(config, batch, seq_len, concrete=False)
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    o = ObjectiveConfig.from_config(config)
-    early = max_supervised_exits(config.model.num_hidden_layers, o.total_steps, o.curriculum, o.rotation_period,
-                                 o.e_scale, o.draft_exit) - 1
+    early = ObjectiveConfig.from_config(config).num_early_exits(config.model.num_hidden_layers)
     results[name] = {'counted_flops': float(analysis['flops']), 'early_exits_computed': early,
                      'overrides': SPEED_SETTINGS[name]}
   plain = results['baseline']['counted_flops']
