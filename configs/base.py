@@ -102,7 +102,7 @@ def get_config() -> config_dict.ConfigDict:
   d.eval_split = 'heldout'  # split evaluated on ('' = no evaluation; tfds: e.g. validation)
   d.tfds_data_dir = ''  # data_dir of tfds:NAME sources ('' = tfds's default)
   d.text_key = 'text'  # text field of tfds records
-  d.num_workers = 0  # grain worker processes (0: in the train process; workers compete for CPU cores)
+  d.num_workers = 0  # threads that read and pack global batches ahead (0: the prefetch thread does it alone)
   d.prefetch = 2  # global batches read and put on devices ahead by a background thread (0 = none, read in the loop)
 
   # --- mesh: devices = data x fsdp x tensor; within-node (ici) times across-node (dcn) sizes ------------------

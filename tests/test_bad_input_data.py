@@ -420,3 +420,21 @@ def test_unreadable_list_file(tmp_path):
     listing.chmod(0)
     with pytest.raises(UsageError, match=r'the list file is unreadable \(Permission denied\)'):
       sources.open_source(f'@{listing}')
+
+
+def test_a_corpus_smaller_than_one_global_batch_is_refused_before_compiling(tmp_path, tok):
+  """Training on prepared shards too small to fill one global batch: one line naming them, exit 2, no workdir."""
+  small = tmp_path / 'small'
+  (small / 'src').mkdir(parents=True)
+  (small / 'src' / 'a.py').write_text('def f(x):\n    return x + 1\n')
+  out = tmp_path / 'shards'
+  prepare_lib.prepare(str(small / 'src'), tok, out, workers=1, progress=False)
+  chunks = len(loader.ChunkSource(prepare_lib.shard_files(out)[0], 64))
+  workdir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir),
+                           f'--config.data.source={out}', f'--config.data.tokenizer={tok}', '--config.train.seq_len=64',
+                           '--config.train.batch_size=8', '--config.logging.progress_bar=false'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  _one_error_line(result, f'{out}: holds {chunks} chunks of at most 64 tokens, fewer than one global batch of 8 rows; '
+                  'use a larger corpus or a smaller train.batch_size')
+  assert 'compiled' not in result.stdout and not workdir.exists()

@@ -3,6 +3,7 @@ faults, meshes, two processes, init_from, rows every log_every steps, evaluation
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,15 +108,45 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, cache_dir, reference):
     assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}, a['step']
 
 
+def _copy_at(workdir, step, dest, *, legacy_data_state=False):
+  """A copy of `workdir` as a run preempted right after its checkpoint `step` (later checkpoints removed; the
+  metrics rows after `step` are dropped by the resumed run). legacy_data_state: the data position rewritten as the
+  grain packing iterator of earlier versions saved it, in every per-process file."""
+  shutil.copytree(workdir, dest)
+  for ckpt in (dest / 'checkpoints').iterdir():
+    if int(ckpt.name) > step:
+      shutil.rmtree(ckpt)
+  files = sorted((dest / 'checkpoints' / str(step) / 'data_iter').glob('process_*-of-*.json'))
+  assert files
+  if legacy_data_state:
+    for f in files:
+      state = json.loads(f.read_text())
+      f.write_text(json.dumps({'parent': {'next_index': state['next_chunk']}, 'next_row': 0,
+                               'counter': state['batches'] * 8}, indent=4))
+  return dest
+
+
+def _same_rows_after(workdir, reference, step):
+  got, want = [r for r in _rows(workdir) if r['step'] > step], [r for r in _rows(reference) if r['step'] > step]
+  assert [r['step'] for r in got] == [r['step'] for r in want] == list(range(step + 1, 17))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5, err_msg=str(a['step']))
+
+
 def test_eight_devices_match_one_and_resume_on_another_mesh(tmp_path, cache_dir, reference):
-  _run(tmp_path, cache_dir, '--config.train.steps=16', '--config.mesh.fsdp=4', '--config.mesh.tensor=2', devices=8,
-       check=True)
-  for a, b in zip(_rows(tmp_path), _rows(reference)):
+  _run(tmp_path / 'eight', cache_dir, '--config.train.steps=16', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+       devices=8, check=True)
+  for a, b in zip(_rows(tmp_path / 'eight'), _rows(reference)):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
     np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=2e-4)
-  # saved as fsdp=4 x tensor=2 on 8 devices; resumed as fsdp=4 on 4 devices, training 4 more steps
-  result = _run(tmp_path, cache_dir, '--config.train.steps=20', devices=4)
-  assert 'resumed from' in result.stdout and _rows(tmp_path)[-1]['step'] == 20
+  # saved at step 8 as fsdp=4 x tensor=2 on 8 devices; resumed as fsdp=2 on 2 devices: the rest of the reference
+  resumed = _copy_at(tmp_path / 'eight', 8, tmp_path / 'two')
+  result = _run(resumed, cache_dir, devices=2)
+  assert 'resumed from' in result.stdout
+  _same_rows_after(resumed, reference, 8)
+  # and on to step 20 as fsdp=4 on 4 devices
+  result = _run(tmp_path / 'eight', cache_dir, '--config.train.steps=20', devices=4)
+  assert 'resumed from' in result.stdout and _rows(tmp_path / 'eight')[-1]['step'] == 20
 
 
 TWO_PROCESS_TRAIN = textwrap.dedent('''
@@ -130,14 +161,32 @@ TWO_PROCESS_TRAIN = textwrap.dedent('''
 ''')
 
 
-def test_two_processes_match_one_process(tmp_path, cache_dir, reference):
-  run_processes(TWO_PROCESS_TRAIN, 2, devices_per_process=2, extra_env={
-      'LS_WORKDIR': str(tmp_path), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL,
-                                                        '--config.checkpoint.preemption_check_every=4'])})
-  rows = _rows(tmp_path)
+def _train_processes(workdir, cache_dir, processes, devices_per_process):
+  run_processes(TWO_PROCESS_TRAIN, processes, devices_per_process=devices_per_process, extra_env={
+      'LS_WORKDIR': str(workdir), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL,
+                                                       '--config.checkpoint.preemption_check_every=4'])})
+
+
+def test_two_processes_match_one_process_and_resume_on_one(tmp_path, cache_dir, reference):
+  _train_processes(tmp_path / 'two', cache_dir, 2, 2)
+  rows = _rows(tmp_path / 'two')
   assert [r['step'] for r in rows] == list(range(1, 17))
   for a, b in zip(rows, _rows(reference)):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
+  # preempted at step 8 on 2 processes, requeued on 1; the checkpoint's data position in the per-process files of
+  # earlier versions (grain's packing iterator state), which must still restore
+  resumed = _copy_at(tmp_path / 'two', 8, tmp_path / 'one', legacy_data_state=True)
+  assert 'resumed from' in _run(resumed, cache_dir).stdout
+  _same_rows_after(resumed, reference, 8)
+
+
+@pytest.mark.parametrize('processes,devices', [(2, 1), (4, 1)])
+def test_a_one_process_run_resumes_on_more_processes(tmp_path, cache_dir, reference, processes, devices):
+  """Requeued on more hosts: the rows after the checkpoint are the uninterrupted run's (4 processes: the same
+  losses as 1 and 2)."""
+  resumed = _copy_at(reference, 8, tmp_path / 'run')
+  _train_processes(resumed, cache_dir, processes, devices)
+  _same_rows_after(resumed, reference, 8)
 
 
 def test_a_workdir_resumes_under_another_attention_kernel(tmp_path, cache_dir):

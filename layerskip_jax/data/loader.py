@@ -1,15 +1,20 @@
-"""One deterministic, seeded stream of packed global batches from prepared shards (grain), and its sharding.
+"""One deterministic, seeded stream of packed global batches from prepared shards, of which each process reads only
+the rows its devices hold; and their placement on the mesh.
 
-Every document is cut into chunks of at most seq_len (input, target) pairs, and the chunks of the whole corpus are
-shuffled (each epoch anew) before they are packed end to end into rows of seq_len (grain's concat-then-split).
-Shuffling chunks rather than documents matters: a long file (the stdlib has files of 270k tokens) would otherwise
-fill hundreds of consecutive rows, and a run would see one file for tens of steps, which measurably stalls training
-(tiny preset: held-out perplexity 132 after 300 steps with document shuffling, against a bigram model's 62).
-`segment_ids` keep attention inside a chunk and restart `positions`; a target never crosses a document boundary,
-because each chunk holds pairs of one document (ids[j] -> ids[j + 1]). `loss_mask` is 0 on padding and on
-fine-tuning prompts. Every process builds the same global batch and keeps the rows of its own devices
-(`to_global_array`), so one process and several see the same global batches; the iterator's state is saved with
-each checkpoint (item `data_iter`) for exact resumption.
+Every document is cut into chunks of at most seq_len (input, target) pairs (data/index.py numbers them, from
+memory-mapped per-shard arrays), the chunks of the whole corpus are shuffled (each epoch anew, grain's index
+shuffle), and packed into the rows of each global batch by first fit (data/packing.py). Shuffling chunks rather
+than documents matters: a long file (the stdlib has files of 270k tokens) would otherwise fill hundreds of
+consecutive rows, and a run would see one file for tens of steps, which measurably stalls training (tiny preset:
+held-out perplexity 132 after 300 steps with document shuffling, against a bigram model's 62). `segment_ids` keep
+attention inside a chunk and restart `positions`; a target never crosses a document boundary, because each chunk
+holds pairs of one document (ids[j] -> ids[j + 1]). `loss_mask` is 0 on padding and on fine-tuning prompts.
+
+Every process plans the whole global batch from chunk lengths, which needs no record, and reads, decodes and packs
+only its own rows (`Rows.of_process`); `to_global_array` assembles the global jax.Array from each process's rows.
+One process is the N = 1 case of the same code. The iterator's state, saved with each checkpoint (item
+`data_iter`), is the position in the global stream: the same on every process, so a run resumes exactly on any
+number of processes and devices.
 
 `Prefetcher` reads and places the next global batches on a background thread while the device computes, and keeps
 with each batch the iterator state after it, so a checkpoint records the batches trained on, not those read ahead.
@@ -17,7 +22,11 @@ with each batch the iterator state after it, so a checkpoint records the batches
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
+import dataclasses
+import json
 import pathlib
 import queue
 import threading
@@ -27,109 +36,219 @@ import grain
 import jax
 import numpy as np
 
-from layerskip_jax.data.prepare import decode_record, lengths_file, read_manifest, verify_shards
+from layerskip_jax.data.index import ChunkIndex
+from layerskip_jax.data.packing import first_fit, pack_row
+from layerskip_jax.data.prepare import decode_record, shard_files
 from layerskip_jax.errors import UsageError, one_line
 from layerskip_jax.sharding import batch_sharding
 
-FEATURES = ('inputs', 'targets', 'loss_mask')
-
-
 class ChunkSource:
-  """Random access to the chunks of every document of some shards: chunk i is one document's (input, target) pairs
-  j .. j + seq_len - 1 (fewer at the document's end), with the loss mask of those targets."""
+  """Random access to the chunks of every document of some shards (numbered by their ChunkIndex): chunk c is one
+  document's (input, target) pairs j .. j + seq_len - 1 (fewer at the document's end), with the loss mask of those
+  targets. `records_read` counts the records it has read."""
 
-  def __init__(self, files: list[str], seq_len: int):
-    self._files = files
-    self._records = grain.sources.ArrayRecordDataSource(files)
-    pairs = np.maximum(record_lengths(files, self._records) - 1, 0)
-    chunks = -(-pairs // seq_len)
-    self._record = np.repeat(np.arange(len(pairs)), chunks)
-    self._start = (np.arange(len(self._record)) - np.repeat(np.cumsum(chunks) - chunks, chunks)) * seq_len
-    self._seq_len = seq_len
+  def __init__(self, files: list[str], seq_len: int, index: ChunkIndex | None = None):
+    self.index = index or ChunkIndex(files, seq_len)
+    self._records = grain.sources.ArrayRecordDataSource(list(files))
+    self.records_read = 0
 
   def __len__(self) -> int:
-    return len(self._record)
+    return len(self.index)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    record = int(self._record[index])
+  def __getitem__(self, chunk: int) -> dict[str, np.ndarray]:
+    return self.read([chunk])[0]
+
+  def read(self, chunks: list[int]) -> list[dict[str, np.ndarray]]:
+    """The chunks `chunks`, their records read in one call (the reader parallelises it)."""
+    located = [self.index.locate(c) for c in chunks]
+    records = [record for record, _, _ in located]
     try:
-      ids, prompt_length = decode_record(self._records[record])
+      data = self._records.__getitems__(records)
     except RuntimeError as e:  # a shard damaged after it was checked (its index was readable, a record is not)
-      file = self._file_of(record)
+      record = self._first_unreadable(records)
+      file = self.index.file_of(record)
       raise UsageError(f'{file}: record {record} cannot be read ({one_line(e, 160)}); delete '
                        f'{pathlib.Path(file).parent} and prepare it again') from None
-    start = int(self._start[index])
-    piece = ids[start:start + self._seq_len + 1]
-    mask = (np.arange(start + 1, start + len(piece)) >= prompt_length).astype(np.int32)
-    return {'inputs': piece[:-1], 'targets': piece[1:], 'loss_mask': mask}
+    self.records_read += len(records)
+    out = []
+    for raw, (_, start, length) in zip(data, located):
+      ids, prompt_length = decode_record(raw)
+      piece = ids[start:start + length + 1]
+      mask = (np.arange(start + 1, start + len(piece)) >= prompt_length).astype(np.float32)
+      out.append({'inputs': piece[:-1], 'targets': piece[1:], 'loss_mask': mask})
+    return out
 
-  def _file_of(self, record: int) -> str:
-    from array_record.python.array_record_module import ArrayRecordReader
-    for file in self._files:
+  def _first_unreadable(self, records: list[int]) -> int:
+    for record in records:
       try:
-        reader = ArrayRecordReader(file)
-        count = reader.num_records() if reader.ok() else 0
-        reader.close()
+        self._records[record]
       except RuntimeError:
-        return file
-      if record < count:
-        return file
-      record -= count
-    return ', '.join(self._files)
+        return record
+    return records[0]
 
 
-def record_lengths(files: list[str], records: grain.sources.ArrayRecordDataSource) -> np.ndarray:
-  """Token count of every record of `files`, in order: from the shards' sidecars, else read from the records."""
-  sidecars = [lengths_file(f) for f in files]
-  if all(path.is_file() for path in sidecars):
-    return np.concatenate([np.load(path) for path in sidecars]).astype(np.int64)
-  return np.asarray([len(records[i]) // 4 - 1 for i in range(len(records))], np.int64)
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """The rows a process holds of a global batch of `size` rows: global row numbers `indices`, ascending; its host
+  batches are arrays of len(indices) rows in that order."""
+  indices: np.ndarray
+  size: int
+
+  @classmethod
+  def all(cls, size: int) -> Rows:
+    return cls(np.arange(size), size)
+
+  @classmethod
+  def of_process(cls, mesh: jax.sharding.Mesh, size: int, microbatches: int = 1) -> Rows:
+    """The rows this process's devices hold when the batch is placed as `microbatches` consecutive slices, each
+    sharded over the mesh's batch axes like a batch (the train step takes one; the eval step takes microbatches)."""
+    micro = size // microbatches
+    own: set[int] = set()
+    for index in batch_sharding(mesh, 1).addressable_devices_indices_map((micro,)).values():
+      own.update(range(*index[0].indices(micro)))
+    return cls(np.asarray(sorted(m * micro + r for m in range(microbatches) for r in own), np.int64), size)
+
+  def slice(self, start: int, stop: int) -> tuple[np.ndarray, Rows]:
+    """(positions in a host batch, Rows of the slice start:stop of the global batch)."""
+    where = np.nonzero((self.indices >= start) & (self.indices < stop))[0]
+    return where, Rows(self.indices[where] - start, stop - start)
 
 
-def _rename(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {'inputs': packed['inputs'].astype(np.int32), 'targets': packed['targets'].astype(np.int32),
-          'loss_mask': packed['loss_mask'].astype(np.float32),
-          'segment_ids': packed['inputs_segment_ids'].astype(np.int32),
-          'positions': packed['inputs_positions'].astype(np.int32)}
+LEGACY_STATE_KEYS = {'parent', 'next_row', 'counter'}  # grain's packing iterator (checkpoints before the planner)
 
 
-def shard_files(directory: str | pathlib.Path) -> tuple[list[str], dict]:
-  """The shard files of a prepared directory and its manifest, checked (verify_shards): a missing or truncated shard
-  is one error line naming it, here, rather than a reader's error in a data thread."""
-  directory = pathlib.Path(directory).expanduser()
-  manifest = read_manifest(directory)
-  if manifest is None:
-    raise UsageError(f'{directory}: no prepared shards (manifest.json); run python -m layerskip_jax.data.prepare')
-  verify_shards(directory, manifest)
-  return [str(directory / shard['file']) for shard in manifest['shards']], manifest
+class BatchIterator:
+  """Global batches of packed rows, of which this process reads, decodes and packs only `rows`: each next() is a
+  dict of [len(rows.indices), seq_len] arrays (inputs, targets, loss_mask, segment_ids, positions). Every process
+  plans the whole global batch from chunk lengths (packing.first_fit), so the global stream is the same for any
+  number of processes. The state is the position in the global stream, {'next_chunk', 'batches'}: the same on every
+  process, restorable on any number of them."""
+
+  def __init__(self, source: ChunkSource, order: grain.MapDataset, batch_size: int, seq_len: int, rows: Rows,
+               finite_length: int | None, num_workers: int = 0):
+    self.source, self.rows = source, rows
+    self._order, self._finite = order, finite_length
+    self._batch_size, self._seq_len, self._workers = batch_size, seq_len, num_workers
+    self._next_chunk, self._batches = 0, 0
+    self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, 'layerskip-read') if num_workers else None
+    self._ahead: collections.deque = collections.deque()  # (future batch, state after it), in order
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def plan(self, start: int) -> tuple[list[list[int]], int] | None:
+    """(chunk numbers of this process's rows, next stream position) of the batch at `start`, None past the end."""
+    located: dict[int, int] = {}
+
+    def length_at(t: int) -> int | None:
+      if self._finite is not None and t >= self._finite:
+        return None
+      located[t] = int(self._order[t])
+      return self.source.index.locate(located[t])[2]
+    plan = first_fit(length_at, start, self._batch_size, self._seq_len)
+    if plan is None:
+      return None
+    rows, next_chunk = plan
+    return [[located[t] for t in rows[r]] for r in self.rows.indices], next_chunk
+
+  def _build(self, chunks_per_row: list[list[int]]) -> dict[str, np.ndarray]:
+    flat = self.source.read([c for row in chunks_per_row for c in row])
+    packed, at = [], 0
+    for row in chunks_per_row:
+      packed.append(pack_row(flat[at:at + len(row)], self._seq_len))
+      at += len(row)
+    return {k: np.stack([row[k] for row in packed]) for k in packed[0]}
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._pool is None:
+      plan = self.plan(self._next_chunk)
+      if plan is None:
+        raise StopIteration
+      batch = self._build(plan[0])
+      self._next_chunk, self._batches = plan[1], self._batches + 1
+      return batch
+    while len(self._ahead) < 2 * self._workers:  # plans are cheap and sequential; building is parallel
+      last = self._ahead[-1][1] if self._ahead else self.get_state()
+      plan = self.plan(last['next_chunk'])
+      if plan is None:
+        break
+      self._ahead.append((self._pool.submit(self._build, plan[0]),
+                          {'next_chunk': plan[1], 'batches': last['batches'] + 1}))
+    if not self._ahead:
+      raise StopIteration
+    future, state = self._ahead.popleft()
+    batch = future.result()
+    self._next_chunk, self._batches = state['next_chunk'], state['batches']
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'next_chunk': self._next_chunk, 'batches': self._batches}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """A state of get_state(), or of the grain packing pipeline checkpoints were written with before (the same
+    global stream: its position is the parent's next index)."""
+    if set(state) == LEGACY_STATE_KEYS and isinstance(state['parent'], dict) and 'next_index' in state['parent']:
+      if state['next_row'] != 0:
+        raise ValueError(f'a grain iterator state inside a batch (next_row {state["next_row"]}) cannot be resumed')
+      state = {'next_chunk': state['parent']['next_index'], 'batches': state['counter'] // self._batch_size}
+    if set(state) != {'next_chunk', 'batches'} or not all(isinstance(v, int) and v >= 0 for v in state.values()):
+      raise ValueError(f'not a data iterator state: {json.dumps(state)[:200]}')
+    for future, _ in self._ahead:
+      future.cancel()
+    self._ahead.clear()
+    self._next_chunk, self._batches = state['next_chunk'], state['batches']
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Batches:
+  """An iterable of global batches (see BatchIterator); iter() starts at the beginning of the stream."""
+
+  def __init__(self, source: ChunkSource, order: grain.MapDataset, batch_size: int, seq_len: int, rows: Rows,
+               finite_length: int | None, num_workers: int):
+    self._args = (source, order, batch_size, seq_len, rows, finite_length, num_workers)
+    self.source, self.rows = source, rows
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(*self._args)
 
 
 def dataset(directory: str | pathlib.Path, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-            repeat: bool = True, num_workers: int = 0) -> grain.IterDataset:
-  """Batches of packed rows: dicts of [batch_size, seq_len] arrays (inputs, targets, loss_mask, segment_ids,
-  positions). With repeat, an endless stream of chunks reshuffled each epoch; without, one pass in corpus order
-  when not shuffled (the last batch dropped)."""
+            repeat: bool = True, num_workers: int = 0, rows: Rows | None = None) -> Batches:
+  """Global batches of packed rows (this process's `rows` of each; all by default). With repeat, an endless stream
+  of chunks reshuffled each epoch; without, one pass, in corpus order when not shuffled (the last partial batch
+  dropped). `num_workers` threads read and pack batches ahead (0: in the caller)."""
+  directory = pathlib.Path(directory).expanduser()
   files, _ = shard_files(directory)
-  ds = grain.MapDataset.source(ChunkSource(files, seq_len))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
+  index = ChunkIndex(files, seq_len)
   if repeat:
-    ds = ds.repeat()
-  packed = grain.experimental.FirstFitPackIterDataset(
-      ds.to_iter_dataset(), length_struct={name: seq_len for name in FEATURES}, num_packing_bins=batch_size,
-      shuffle_bins=False)
-  batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
-  if num_workers > 0:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return batches
+    index.check_rows(batch_size, directory)
+  order = grain.MapDataset.range(len(index))
+  if shuffle:
+    order = order.shuffle(seed=seed)
+  if repeat:
+    order = order.repeat()
+  return Batches(ChunkSource(files, seq_len, index), order, batch_size, seq_len, rows or Rows.all(batch_size),
+                 None if repeat else len(index), num_workers)
 
 
-def to_global_array(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """The global batch (identical on every process) as jax.Arrays sharded over the mesh's batch axes; each process
-  contributes only the rows of its own devices."""
+def to_global_array(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: Rows | None = None
+                    ) -> dict[str, jax.Array]:
+  """A global batch as jax.Arrays sharded over the mesh's batch axes, from this process's `rows` of it (`batch`
+  holds them in order; None: it is the whole batch). Each device gets its rows from the process it belongs to."""
   def put(array: np.ndarray) -> jax.Array:
-    sharding = batch_sharding(mesh, array.ndim)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    held = rows or Rows.all(len(array))
+    shape = (held.size, *array.shape[1:])
+
+    def rows_of(index: tuple) -> np.ndarray:
+      wanted = np.arange(*index[0].indices(held.size))
+      at = np.searchsorted(held.indices, wanted)
+      if np.any(at >= len(held.indices)) or np.any(held.indices[np.minimum(at, len(held.indices) - 1)] != wanted):
+        raise ValueError(f'rows {wanted.tolist()} of the global batch are not among this process\'s rows')
+      return array[at][(slice(None), *index[1:])]
+    return jax.make_array_from_callback(shape, batch_sharding(mesh, array.ndim), rows_of)
   return {k: put(v) for k, v in batch.items()}
 
 
@@ -150,8 +269,9 @@ class Prefetcher:
   returned its batch.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator, mesh: jax.sharding.Mesh, depth: int = 2):
-    self._iterator, self._mesh, self._depth = iterator, mesh, depth
+  def __init__(self, iterator: grain.DatasetIterator | BatchIterator, mesh: jax.sharding.Mesh, depth: int = 2,
+               rows: Rows | None = None):
+    self._iterator, self._mesh, self._depth, self._rows = iterator, mesh, depth, rows
     if depth > 0:
       self._state = copy.deepcopy(iterator.get_state())  # after the last batch handed out (none yet)
       self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -163,7 +283,7 @@ class Prefetcher:
     try:
       while not self._stop.is_set():
         host_batch = next(self._iterator)
-        self._put((to_global_array(host_batch, self._mesh), copy.deepcopy(self._iterator.get_state())))
+        self._put((to_global_array(host_batch, self._mesh, self._rows), copy.deepcopy(self._iterator.get_state())))
     except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
       self._put((None, e))
 
@@ -177,7 +297,7 @@ class Prefetcher:
 
   def next(self) -> dict[str, jax.Array]:
     if self._depth == 0:
-      return to_global_array(next(self._iterator), self._mesh)
+      return to_global_array(next(self._iterator), self._mesh, self._rows)
     batch, state = self._queue.get()
     if batch is None:
       raise state

@@ -1,6 +1,8 @@
 """Tokenize a source into ArrayRecord shards plus a manifest, in parallel, idempotently.
 
     python -m layerskip_jax.data.prepare --source python_stdlib --split train --tokenizer tok.model --out DIR
+    python -m layerskip_jax.data.prepare --source tfds:c4 ... --out DIR --part I/N   # on N machines, then once:
+    python -m layerskip_jax.data.prepare --out DIR --merge_parts N [--index_seq_len 8192]
 
 Each record is one document: int32 [prompt_length, id_0, id_1, ...] where the ids run from BOS to EOS and
 prompt_length is the number of leading ids that are a fine-tuning prompt (0 for pretraining text). The manifest
@@ -16,6 +18,12 @@ replaces --out only once complete (outputs.atomic_directory): a killed run leave
 leftover sibling is removed by the next run. A manifest, shard or lengths file that is missing, truncated or does
 not match the manifest is one error line naming the file (`verify_shards`; the loader runs it too), never a
 traceback from the reader or a silently shorter corpus.
+
+A tfds split, read by index, can be tokenized by N machines (or the N processes of a training run, data/cache.py)
+at once: part I holds its contiguous share of the records, and `merge_parts` moves the parts' shards into DIR in
+part order, so DIR holds the records of a one-machine prepare, in the same order (the loader's batches are the
+same). `--index_seq_len` writes the loader's chunk index (data/index.py) for shared storage the training hosts cannot
+write.
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 from collections.abc import Iterator
 
 import numpy as np
 
 from layerskip_jax import outputs
 from layerskip_jax.data import tokenizer as tokenizer_lib
+from layerskip_jax.data.index import ChunkIndex, lengths_file
 from layerskip_jax.data.sources import Document, check_outside, open_source
 from layerskip_jax.errors import UsageError, one_line
 
@@ -65,11 +75,6 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _encode_in_worker(doc: Document) -> bytes:
   return encode_document(_worker_tokenizer, doc).tobytes()
-
-
-def lengths_file(shard_file: str | pathlib.Path) -> pathlib.Path:
-  """The sidecar of a shard: int64 token counts of its records, in order."""
-  return pathlib.Path(f'{shard_file}.lengths.npy')
 
 
 def _close_shard(directory: pathlib.Path, shard: dict, lengths: list[int]) -> None:
@@ -164,12 +169,24 @@ def verify_shards(directory: str | pathlib.Path, manifest: dict) -> None:
                        f'the manifest lists {records} documents, {shard["tokens"]} tokens); {_again(directory)}')
 
 
+def shard_files(directory: str | pathlib.Path) -> tuple[list[str], dict]:
+  """The shard files of a prepared directory and its manifest, checked (verify_shards): a missing or truncated shard
+  is one error line naming it, here, rather than a reader's error in a data thread."""
+  directory = pathlib.Path(directory).expanduser()
+  manifest = read_manifest(directory)
+  if manifest is None:
+    raise UsageError(f'{directory}: no prepared shards (manifest.json); run python -m layerskip_jax.data.prepare')
+  verify_shards(directory, manifest)
+  return [str(directory / shard['file']) for shard in manifest['shards']], manifest
+
+
 def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pathlib.Path, *, split: str = 'train',
             workers: int | None = None, shard_tokens: int = 16 << 20, progress: bool = True,
             source_flag: str = '--source', tokenizer_flag: str = '--tokenizer', out_flag: str = '--out',
-            **source_options) -> dict:
+            part: tuple[int, int] | None = None, **source_options) -> dict:
   """Writes (or confirms up to date) the shards of one source split; returns the manifest. Errors name the options
-  by the *_flag names (data.source, data.tokenizer, data.cache_dir when training)."""
+  by the *_flag names (data.source, data.tokenizer, data.cache_dir when training). `part` = (index, count): only
+  that share of a tfds split's records (it may be empty), to be joined by merge_parts."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
 
@@ -182,7 +199,7 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
     raise UsageError(f'{out_flag}={out}: is a file; give a directory path')
   tok = tokenizer_lib.load(tokenizer_path, flag=tokenizer_flag)
   checksum = file_sha256(tok.path)
-  source = open_source(source_spec, split, flag=source_flag, **source_options)
+  source = open_source(source_spec, split, flag=source_flag, part=part, **source_options)
   existing = read_manifest(out)
   if existing is not None:
     if existing['tokenizer_sha256'] != checksum:
@@ -231,7 +248,7 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
         pool.join()
       if writer is not None:
         writer.close()
-    if documents == 0:
+    if documents == 0 and part is None:
       raise source.no_text(source_flag, source_spec)
     manifest = {'format': FORMAT, 'source': source.description, 'tokenizer_sha256': checksum,
                 'tokenizer_vocab_size': tok.vocab_size, 'documents': documents, 'tokens': tokens,
@@ -240,16 +257,86 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
   return manifest
 
 
+def part_directory(out: str | pathlib.Path, index: int, count: int) -> pathlib.Path:
+  """Where part `index` of `count` of the shards of `out` is prepared (a sibling; merge_parts joins them into out)."""
+  out = pathlib.Path(out).expanduser()
+  return out.with_name(f'{out.name}.part-{index}-of-{count}')
+
+
+def merge_parts(out: str | pathlib.Path, count: int, *, out_flag: str = '--out') -> dict:
+  """Joins the `count` prepared parts of `out` (part_directory) into `out`, in part order: the same records in the
+  same order as one process preparing the whole split, so the same batches. Their shards are moved, not copied;
+  the parts are removed once `out` is complete. Returns the manifest."""
+  out = pathlib.Path(out).expanduser()
+  parts = [part_directory(out, i, count) for i in range(count)]
+  manifests = []
+  for part in parts:
+    manifest = read_manifest(part)
+    if manifest is None:
+      raise UsageError(f'{part}: missing or not prepared; prepare every part ({out_flag}={out} --part I/{count}, '
+                       f'I = 0..{count - 1}) before merging')
+    verify_shards(part, manifest)
+    manifests.append(manifest)
+  first = manifests[0]
+  whole = first['source'].split(' part ')[0]
+  for part, manifest in zip(parts, manifests):
+    if manifest['source'].split(' part ')[0] != whole or manifest['tokenizer_sha256'] != first['tokenizer_sha256']:
+      raise UsageError(f'{part}: holds shards of {manifest["source"]} (tokenizer sha256 '
+                       f'{manifest["tokenizer_sha256"][:12]}...), not of {whole} like {parts[0]}; prepare it again')
+  if sum(m['documents'] for m in manifests) == 0:
+    raise UsageError(f'{out_flag}={out}: the {count} parts of {whole} hold no document')
+  shards = []
+  with outputs.atomic_directory(out, flag=out_flag, kind=outputs.SHARDS) as tmp:
+    for part, manifest in zip(parts, manifests):
+      for shard in manifest['shards']:
+        name = f'shard-{len(shards):05d}.array_record'
+        os.replace(part / shard['file'], tmp / name)
+        if lengths_file(part / shard['file']).is_file():
+          os.replace(lengths_file(part / shard['file']), lengths_file(tmp / name))
+        shards.append(dict(shard, file=name))
+    merged = {'format': FORMAT, 'source': whole, 'tokenizer_sha256': first['tokenizer_sha256'],
+              'tokenizer_vocab_size': first.get('tokenizer_vocab_size'), 'shards': shards,
+              **{key: sum(m[key] for m in manifests) for key in ('documents', 'tokens', 'skipped_files')}}
+    (tmp / MANIFEST).write_text(json.dumps(merged, indent=2) + '\n')
+  for part in parts:
+    shutil.rmtree(part)
+  return merged
+
+
+def _parse_part(value: str) -> tuple[int, int]:
+  index, _, count = value.partition('/')
+  if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+    raise UsageError(f'--part={value}: expected I/N with 0 <= I < N (this machine\'s share of N), e.g. 0/8')
+  return int(index), int(count)
+
+
 def main(args) -> None:
   from absl import flags
   f = flags.FLAGS
-  if not f.source or not f.tokenizer or not f.out:
-    raise UsageError('prepare needs --source, --tokenizer and --out: python -m layerskip_jax.data.prepare --source S '
-                     '--tokenizer tokenizer.model --out DIR')
-  manifest = prepare(f.source, f.tokenizer, f.out, split=f.split, workers=f.workers,
-                     tfds_data_dir=f.tfds_data_dir, text_key=f.text_key)
-  print(f'{f.out}: {manifest["documents"]} documents, {manifest["tokens"]} tokens in {len(manifest["shards"])} '
+  usage = ('python -m layerskip_jax.data.prepare --source S --tokenizer tokenizer.model --out DIR [--part I/N]; or '
+           '--out DIR --merge_parts N')
+  if not f.out or (f.merge_parts is None and (not f.source or not f.tokenizer)):
+    raise UsageError(f'prepare needs --source, --tokenizer and --out (or --out and --merge_parts): {usage}')
+  if f.merge_parts is not None and (f.merge_parts < 1 or f.part):
+    raise UsageError(f'--merge_parts={f.merge_parts}: give the number of parts (1 or more), without --part: {usage}')
+  part = _parse_part(f.part) if f.part else None
+  lengths = []
+  for value in f.index_seq_len:
+    if not value.isdigit() or int(value) < 1:
+      raise UsageError(f'--index_seq_len={",".join(f.index_seq_len)}: {value!r} is not a positive sequence length; '
+                       'give the train.seq_len values the shards will be read with, e.g. 4096,8192')
+    lengths.append(int(value))
+  out = part_directory(f.out, *part) if part else pathlib.Path(f.out)
+  if f.merge_parts is not None:
+    manifest = merge_parts(out, f.merge_parts)
+  else:
+    manifest = prepare(f.source, f.tokenizer, out, split=f.split, workers=f.workers, tfds_data_dir=f.tfds_data_dir,
+                       text_key=f.text_key, part=part)
+  print(f'{out}: {manifest["documents"]} documents, {manifest["tokens"]} tokens in {len(manifest["shards"])} '
         f'shards ({manifest["skipped_files"]} files skipped)')
+  for seq_len in lengths if not part else []:
+    index = ChunkIndex(shard_files(out)[0], seq_len)
+    print(f'{out}: chunk index for seq_len {seq_len}: {len(index)} chunks')
 
 
 if __name__ == '__main__':
@@ -263,4 +350,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('workers', None, 'tokenizer processes (default: one per core)')
   flags.DEFINE_string('tfds_data_dir', None, 'TFDS data_dir for tfds: sources')
   flags.DEFINE_string('text_key', 'text', 'text field of tfds records')
+  flags.DEFINE_string('part', None, 'I/N: prepare only share I of N of a tfds split, into OUT.part-I-of-N (one '
+                      'machine each), then join them with --merge_parts N')
+  flags.DEFINE_integer('merge_parts', None, 'join the N prepared parts OUT.part-I-of-N into OUT')
+  flags.DEFINE_list('index_seq_len', [], 'also write the chunk index for these sequence lengths (shared storage that '
+                    'training hosts cannot write)')
   cli.run(main)

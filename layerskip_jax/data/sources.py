@@ -209,7 +209,15 @@ def _jsonl_source(path: pathlib.Path, split: str, flag: str, spec: str) -> Sourc
   return source
 
 
-def _tfds_source(spec: str, split: str, data_dir: str | None, text_key: str, flag: str) -> Source:
+def part_range(records: int, part: tuple[int, int]) -> tuple[int, int]:
+  """Records [start, stop) of part `part` = (index, count) of `records` records: contiguous, in order, sizes
+  differing by at most one."""
+  index, count = part
+  return index * records // count, (index + 1) * records // count
+
+
+def _tfds_source(spec: str, split: str, data_dir: str | None, text_key: str, flag: str,
+                 part: tuple[int, int] | None = None) -> Source:
   parts = spec.split(':')
   if len(parts) not in (2, 3) or not parts[1]:
     raise UsageError(f'{flag}={spec}: expected tfds:NAME or tfds:NAME:VERSION')
@@ -221,21 +229,29 @@ def _tfds_source(spec: str, split: str, data_dir: str | None, text_key: str, fla
     raise UsageError(f'{flag}={spec}: split {split!r} not found in data_dir={data_dir} '
                      f'({one_line(e, 200)})') from None
 
+  start, stop = part_range(len(data), part) if part else (0, len(data))
+
   def documents() -> Iterator[Document]:
-    for i in range(len(data)):
+    for i in range(start, stop):
       record = data[i]
       if text_key not in record:
         raise UsageError(f'{flag}={spec}: records have no {text_key!r} field (fields: {sorted(record)}); '
                          'set data.text_key')
       value = record[text_key]
       yield Document(text=value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value))
-  return Source(description=f'tfds:{name}:{split}@{data_dir}', documents=documents, split=split)
+  description = f'tfds:{name}:{split}@{data_dir}'
+  if part:
+    description += f' part {part[0]} of {part[1]} (records {start}-{stop - 1} of {len(data)})'
+  return Source(description=description, documents=documents, split=split)
 
 
 def open_source(spec: str, split: str = 'train', *, tfds_data_dir: str | None = None, text_key: str = 'text',
-                flag: str = '--source') -> Source:
+                flag: str = '--source', part: tuple[int, int] | None = None) -> Source:
   """The documents of a source spec (see the module docstring); raises UsageError for a bad spec, naming `flag`
-  (data.source when training)."""
+  (data.source when training). `part` = (index, count): only that contiguous share of the split's records (tfds
+  sources, which are read by index: hosts tokenize their shares in parallel, prepare.merge_parts joins them)."""
+  if part is not None and not spec.startswith('tfds:'):
+    raise UsageError(f'{flag}={spec}: only tfds: sources are prepared in parts')
   if spec == STDLIB:
     if split not in SPLITS:
       raise UsageError(f'--split={split}: python_stdlib has the splits {", ".join(SPLITS)}')
@@ -243,7 +259,7 @@ def open_source(spec: str, split: str = 'train', *, tfds_data_dir: str | None = 
     version = '.'.join(map(str, sys.version_info[:2]))
     return _file_source(f'python_stdlib:{version}:{split}', files, split)
   if spec.startswith('tfds:'):
-    return _tfds_source(spec, split, tfds_data_dir, text_key, flag)
+    return _tfds_source(spec, split, tfds_data_dir, text_key, flag, part)
   if spec.startswith('@'):
     list_file = pathlib.Path(spec[1:]).expanduser()
     if not list_file.is_file():

@@ -7,8 +7,10 @@ restoring takes an abstract state carrying the target shardings, so a run saved 
 The trainer's state is a `TrainState`; on disk it stays the dict {'params', 'opt_state'}, converted here, so
 checkpoints of every version restore. The data item is written from a recorded iterator state, not from the
 iterator: a prefetching loader has read ahead of the last batch trained on, and the checkpoint must hold the
-position after that batch. The file is the one grain's own handler writes (process_<i>-of-<n>.json), and it is
-read back by that handler into the live iterator.
+position after that batch. The files are the ones grain's own handler writes (process_<i>-of-<n>.json, one per
+process). The loader's state is the position in the global stream, the same on every process, so a restore reads
+the file of the lowest process whatever the number of processes now (a run saved on 2 hosts resumes on 1 or 4);
+checkpoints of earlier versions, whose per-process files also held one and the same state, restore the same way.
 """
 
 from __future__ import annotations
@@ -125,9 +127,8 @@ class Checkpointer:
     abstract_tree = abstract_state.to_tree()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(abstract_tree),
-          DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(iterator),
-          META_ITEM: ocp.args.JsonRestore()}))
+          STATE_ITEM: ocp.args.StandardRestore(abstract_tree), META_ITEM: ocp.args.JsonRestore()}))
+      iterator.set_state(self._data_state(step))
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged or mismatched checkpoint
       raise UsageError(f'checkpoint {self.directory / str(step)} cannot be restored: it is corrupt or does not '
                        f'match the config ({one_line(e, 240)}); it was left untouched: move it '
@@ -137,6 +138,14 @@ class Checkpointer:
         raise UsageError(f'checkpoint {self.directory / str(step)} holds an array of shape {got.shape} where the '
                          f'config implies {want.shape}: it was written for another model')
     return TrainState.from_tree(restored[STATE_ITEM]), dict(restored[META_ITEM])
+
+  def _data_state(self, step: int) -> dict[str, Any]:
+    """The data iterator's state saved at `step`: the file of the lowest process (every process saved the same)."""
+    files = sorted(self.directory.joinpath(str(step), DATA_ITER_ITEM).glob('process_*-of-*.json'),
+                   key=lambda p: int(p.name.split('_')[1].split('-')[0]))
+    if not files:
+      raise FileNotFoundError(f'no process_<i>-of-<n>.json in {self.directory / str(step) / DATA_ITER_ITEM}')
+    return json.loads(files[0].read_text())
 
   def check(self) -> None:
     """Raises CheckpointWriteError if an asynchronous save has failed (cheap: no wait)."""

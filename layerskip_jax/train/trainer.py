@@ -275,9 +275,10 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
       print(f'{run.workdir} is already finished at step {run.finished_step} (train.steps={t.steps}): nothing to do')
     return {'step': run.finished_step, 'status': 'finished', 'last_row': None,
             'loop': {'steps': 0, 'host_seconds': 0.0, 'idle_dispatches': 0}}
+  iterator = iter(loader.dataset(run.prepared.train, t.seq_len, t.batch_size, seed=t.seed,  # before compiling: a
+                                 num_workers=config.data.num_workers,                    # corpus too small for a
+                                 rows=loader.Rows.of_process(run.mesh, t.batch_size)))   # batch is refused at once
   steps = compile_steps(config, run.mesh, with_eval=run.prepared.heldout is not None)
-  iterator = iter(loader.dataset(run.prepared.train, t.seq_len, t.batch_size, seed=t.seed,
-                                 num_workers=config.data.num_workers))
   checkpointer = Checkpointer(run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                               is_main=run.is_main)
   try:
@@ -332,7 +333,9 @@ class _Loop:
     # What the loop costs the device (train.bench --what loop): host seconds per step outside waits for the device
     # (evaluations and saves excluded), and steps dispatched only after the previous one had finished.
     self.host_seconds, self.idle_dispatches = 0.0, 0
-    self.feed = loader.Prefetcher(iterator, run.mesh, config.data.prefetch)  # last: its thread starts here
+    self.iterator = iterator
+    # last: its thread starts here
+    self.feed = loader.Prefetcher(iterator, run.mesh, config.data.prefetch, iterator.rows)
 
   def run(self, state: TrainState) -> TrainState:
     t, every = self.t, self.config.checkpoint.every_steps
@@ -378,6 +381,7 @@ class _Loop:
     self.profiler.stop()
     self.progress.close()
     self.feed.close()
+    self.iterator.close()
     self.checkpointer.close()
     self.metrics_writer.close()
 
@@ -430,13 +434,15 @@ class _Loop:
       return
     micro = eval_batch_size(self.config)
     outputs = []
-    batches = loader.dataset(run.prepared.heldout, t.seq_len, t.batch_size, shuffle=False, repeat=False)
+    held = loader.Rows.of_process(run.mesh, t.batch_size, t.grad_accum_steps)  # each microbatch sharded
+    batches = loader.dataset(run.prepared.heldout, t.seq_len, t.batch_size, shuffle=False, repeat=False, rows=held)
     for i, batch in enumerate(batches):
       if i >= t.eval_batches:
         break
       for m in range(t.grad_accum_steps):
-        rows = {k: v[m * micro:(m + 1) * micro] for k, v in batch.items()}
-        outputs.append(self.steps.eval(state.params, loader.to_global_array(rows, run.mesh)))
+        where, rows = held.slice(m * micro, (m + 1) * micro)
+        microbatch = {k: v[where] for k, v in batch.items()}
+        outputs.append(self.steps.eval(state.params, loader.to_global_array(microbatch, run.mesh, rows)))
     if not outputs:
       return
     outputs = jax.device_get(outputs)  # once, after every microbatch is queued
