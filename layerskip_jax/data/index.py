@@ -125,10 +125,6 @@ class ChunkIndex:
   def __len__(self) -> int:
     return int(self._shard_chunks[-1])
 
-  @property
-  def records(self) -> int:
-    return int(self._shard_records[-1])
-
   def locate(self, chunk: int) -> tuple[int, int, int]:
     """(record number across all shards, index of its first pair, number of pairs) of chunk `chunk`."""
     shard = int(np.searchsorted(self._shard_chunks, chunk, side='right')) - 1
