@@ -1,7 +1,8 @@
 """The device mesh (axes data, fsdp, tensor) and the one table mapping logical axis names to mesh axes.
 
 Parameters carry logical axis names in their `logical_axes` metadata (model/layers.py); activations are
-constrained with `constrain(x, names)`. Changing a parallelism strategy is an edit of LOGICAL_AXIS_RULES.
+constrained with `constrain(x, layout)`, a layout being one of the named tuples ACT_* below. Changing a parallelism
+strategy is an edit of LOGICAL_AXIS_RULES.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('act_head_dim', None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
+
+# Activation layouts: the logical names of an activation's axes, one name per layout (Flax Gemma's act_btd). Letters:
+# B batch, T sequence, D embed (hidden), H query heads, K key/value heads, E head_dim, F mlp, V vocab, L layers.
+ACT_BTD = ('act_batch', 'act_seq', 'act_embed')  # the residual stream
+ACT_BTHE = ('act_batch', 'act_seq', 'act_heads', 'act_head_dim')  # queries
+ACT_BTKE = ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim')  # keys and values
+ACT_BTF = ('act_batch', 'act_seq', 'act_mlp')  # the MLP's hidden activations
+ACT_BTV = ('act_batch', 'act_seq', 'act_vocab')  # logits
+ACT_LB = (None, 'act_batch')  # a per-layer, per-sequence mask (layer dropout)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:

@@ -21,7 +21,7 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.model.attention import attention, resolve_impl
 from layerskip_jax.model.model_config import ModelConfig
 from layerskip_jax.model.rope import apply_rope
-from layerskip_jax.sharding import constrain
+from layerskip_jax.sharding import ACT_BTD, ACT_BTF, ACT_BTHE, ACT_BTKE, constrain
 
 # model.remat_policy -> what the backward pass keeps from each layer's forward pass (None: keep everything).
 REMAT_POLICIES = {
@@ -81,10 +81,10 @@ class Attention(nnx.Module):
     k = dense(x, self.k_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
     v = dense(x, self.v_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
     q = constrain(checkpoint_name(apply_rope(q, cos, sin), 'qkv_proj'),
-                  ('act_batch', 'act_seq', 'act_heads', 'act_head_dim'))
+                  ACT_BTHE)
     k = constrain(checkpoint_name(apply_rope(k, cos, sin), 'qkv_proj'),
-                  ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
-    v = constrain(checkpoint_name(v, 'qkv_proj'), ('act_batch', 'act_seq', 'act_kv_heads', 'act_head_dim'))
+                  ACT_BTKE)
+    v = constrain(checkpoint_name(v, 'qkv_proj'), ACT_BTKE)
     return q, k, v
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -118,7 +118,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = jax.nn.silu(dense(x, self.gate_proj, self.dtype)) * dense(x, self.up_proj, self.dtype)
-    hidden = constrain(hidden, ('act_batch', 'act_seq', 'act_mlp'))
+    hidden = constrain(hidden, ACT_BTF)
     return checkpoint_name(dense(hidden, self.down_proj, self.dtype), 'mlp_out')
 
 
@@ -136,7 +136,7 @@ class DecoderLayer(nnx.Module):
       h = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids).astype(x.dtype)
     with jax.named_scope('mlp'):
       out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
-    return constrain(out, ('act_batch', 'act_seq', 'act_embed'))
+    return constrain(out, ACT_BTD)
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
              cache_v: jax.Array, layer: int | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -24,7 +24,7 @@ from flax import nnx
 from layerskip_jax.model.layers import REMAT_POLICIES, DecoderLayer, RMSNorm, param
 from layerskip_jax.model.model_config import ModelConfig
 from layerskip_jax.model.rope import rope_tables
-from layerskip_jax.sharding import constrain, param_shardings
+from layerskip_jax.sharding import ACT_BTD, ACT_BTV, constrain, param_shardings
 
 
 def default_positions(tokens: jax.Array) -> jax.Array:
@@ -55,7 +55,7 @@ class Transformer(nnx.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     """x_0 [batch, seq, hidden] in the compute dtype."""
     x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
-    return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
+    return constrain(x, ACT_BTD)
 
   def head(self, x: jax.Array) -> jax.Array:
     """The shared exit head g(x) = LM head(final RMSNorm(x)): float32 logits [..., vocab] for any layer's output."""
@@ -66,7 +66,7 @@ class Transformer(nnx.Module):
       # float32 accumulation and output: a bf16 model's loss, exit statistics and greedy choices are computed on
       # unrounded logits (bf16 logits of a 128k vocabulary tie and flip argmaxes).
       logits = jnp.dot(h, kernel.astype(dt), preferred_element_type=jnp.float32).reshape(*x.shape[:-1], -1)
-    return constrain(logits, ('act_batch', 'act_seq', 'act_vocab')) if logits.ndim == 3 else logits
+    return constrain(logits, ACT_BTV) if logits.ndim == 3 else logits
 
   def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
                  start: int | jax.Array = 0, stop: int | jax.Array | None = None,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from layerskip_jax.objective.keys import LAYER_DROPOUT, step_key
 from layerskip_jax.objective.schedules import layer_dropout_probs
-from layerskip_jax.sharding import constrain
+from layerskip_jax.sharding import ACT_LB, constrain
 
 
 def keep_masks(num_layers: int, batch_size: int, step: int | jax.Array, microbatch: int | jax.Array, *,
@@ -30,4 +30,4 @@ def keep_masks(num_layers: int, batch_size: int, step: int | jax.Array, microbat
     drop = jax.vmap(lambda k, p: jax.random.bernoulli(k, p))(layer_keys, probs)
     return ~drop, None
   drop = jax.vmap(lambda k, p: jax.random.bernoulli(k, p, (batch_size,)))(layer_keys, probs)
-  return None, constrain(~drop, (None, 'act_batch'))
+  return None, constrain(~drop, ACT_LB)
