@@ -3,6 +3,15 @@
 Presets (the other files in this folder) start from this and override only what differs. Any key can be set on
 the command line as `--config.section.key=value`. `layerskip_jax.config.validate` checks the whole config before
 anything compiles. The model defaults are the CPU-sized `tiny` shape; the published presets override them.
+
+Adding a config key:
+  1. Here: the key, its default and a one-line comment (a test checks every key has one).
+  2. `model` and `layerskip` keys: the field of the same name in ModelConfig (model/model_config.py) or
+     ObjectiveConfig (objective/objective_config.py), with its allowed values beside it: `choice(default, allowed)`
+     or `bounded(default, low=..., high=...)`. validate() reads them from there, and a key here without its field
+     (or a required field without its key) is a one-line error naming the key.
+     Keys of the other sections: their range, if any, in config.py's _RANGES.
+  3. Relations between keys (one must divide another, ...): config.py's _validate_relations.
 """
 
 from ml_collections import config_dict
@@ -33,8 +42,8 @@ def get_config() -> config_dict.ConfigDict:
   m.initializer_range = 0.02  # std of the normal initialiser of every weight matrix
   m.dtype = 'float32'  # compute dtype of matmuls and activations: float32, bfloat16 or float16
   m.param_dtype = 'float32'  # storage dtype of parameters: float32, bfloat16 or float16
-  m.remat_policy = 'full'  # per-layer rematerialisation: none, full, save_dots, save_proj (model/layers.py); full is
-  #   the fastest on CPU (404 vs 554 ms per tiny step) and lets a skipped (per_batch dropout) layer cost nothing
+  m.remat_policy = 'full'  # per-layer rematerialisation: none, full, save_dots, save_proj (model/model_config.py);
+  #   full is the fastest on CPU (docs/results/measurements.md); a skipped (per_batch dropout) layer then costs nothing
   m.attention_impl = 'auto'  # auto, blockwise, xla (dense), cudnn, pallas_gpu, splash: model/attention.py says which is
   #   used where; auto = cudnn on GPU (bf16/fp16), splash on TPU, blockwise (flash-style, plain JAX) on CPU
   m.attention_block = 512  # query/key block of the blockwise and Pallas attention kernels (memory ~ block^2 per head)

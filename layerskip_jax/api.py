@@ -31,8 +31,8 @@ from layerskip_jax.data import tokenizer as tokenizer_lib
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference import calibrate
 from layerskip_jax.inference.cache import cache_length, check_length
-from layerskip_jax.inference.generate import (GenerateResult, check_request, cpu_decode_model, encode_prompts,
-                                              generate, uses_unstacked_layers)
+from layerskip_jax.inference.generate import GenerateResult, check_request, encode_prompts, generate
+from layerskip_jax.inference.layout import DecodeWeights, decode_weights, uses_unstacked_layers
 from layerskip_jax.model import ModelConfig, Transformer
 
 
@@ -47,8 +47,12 @@ class LoadedModel:
   model: Transformer
   tokenizer: tokenizer_lib.Tokenizer | None
   checkpoint: checkpoint_dir.CheckpointDir
-  _layer_params: tuple | None = dataclasses.field(default=None, repr=False)  # decode layout on a CPU (generate)
-  _decode_model: Transformer | None = dataclasses.field(default=None, repr=False)  # its model (float32)
+  _unstacked: DecodeWeights | None = dataclasses.field(default=None, repr=False)  # the CPU decode layout, made once
+
+  @property
+  def decode_model(self) -> Transformer:
+    """The model the decoder runs: on a CPU a float32 copy of a bf16 model's head (inference/layout.py)."""
+    return self._unstacked.model if self._unstacked is not None else self.model
 
   @property
   def num_layers(self) -> int:
@@ -103,11 +107,10 @@ class LoadedModel:
     model = self.model
     unstack = options.get('unstack_layers')
     if (uses_unstacked_layers() if unstack is None else unstack) and options.get('layer_params') is None:
-      if self._layer_params is None:  # made once: the CPU decode layout (float32 copies of the layer weights)
-        self._decode_model = cpu_decode_model(self.model)
-        self._layer_params = self._decode_model.unstacked_layers(jnp.float32)
-      model = self._decode_model
-      options['layer_params'] = self._layer_params
+      if self._unstacked is None:  # made once: float32 copies of the layer weights
+        self._unstacked = decode_weights(self.model, unstack=True)
+      model = self._unstacked.model
+      options['layer_params'] = self._unstacked.layer_params
     return generate(model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
                     num_speculations=num_speculations, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, seed=seed, **options)

@@ -266,7 +266,7 @@ def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
   """Seconds for the chain of the model's weight matmuls for one token (each layer's projections and MLP, then the
   head; no attention, no cache), with every weight a separate argument so nothing is sliced or copied. In the
   dtype the decoder computes in (float32 on a CPU, where a bf16 model decodes in float32: cpu_decode_model)."""
-  model = getattr(lm, '_decode_model', None) or lm.model
+  model = lm.decode_model
   config, dtype = model.config, model.config.weight_dtype
   layers = nnx.to_pure_dict(nnx.state(model.layers))
   names = [('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('self_attn', 'v_proj'), ('self_attn', 'o_proj'),

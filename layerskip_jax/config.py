@@ -9,6 +9,7 @@ key, the bad value and what is allowed; command lines print it and exit with sta
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import json
 import pathlib
@@ -24,56 +25,73 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 CONFIG_FILE_NAME = 'layerskip_config.json'
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_proj')
-ATTENTION_IMPLS = ('auto', 'blockwise', 'xla', 'cudnn', 'pallas_gpu', 'splash')
-ROPE_TYPES = ('default', 'linear', 'llama3')
-DEPTH_SCHEDULES = ('exp', 'uniform', 'linear', 'log', 'sin', 'sigmoid')
-TIME_SCHEDULES = ('constant', 'exp')
-DROPOUT_MODES = ('per_sample', 'per_batch')
-CURRICULA = ('rotational', 'gradual', 'none')
-DISTILLATION = ('soft', 'hard')
 
-_CHOICES = {
-    'model.dtype': DTYPES,
-    'model.param_dtype': DTYPES,
-    'model.remat_policy': REMAT_POLICIES,
-    'model.attention_impl': ATTENTION_IMPLS,
-    'model.rope_scaling.rope_type': ROPE_TYPES,
-    'layerskip.depth_schedule': DEPTH_SCHEDULES,
-    'layerskip.time_schedule': TIME_SCHEDULES,
-    'layerskip.dropout_mode': DROPOUT_MODES,
-    'layerskip.curriculum': CURRICULA,
-    'layerskip.distill': DISTILLATION,
-}
 
-# key: (lowest allowed, highest allowed or None, whether the lowest is excluded)
+# --- constraints beside the fields they constrain ----------------------------------------------------------------
+# The `model` and `layerskip` sections are described by dataclasses (ModelConfig, ObjectiveConfig): each field
+# carries its allowed values in its metadata, through choice() and bounded() below, and validate() reads them from
+# there. Keys of the other sections (train, data, checkpoint, ...) have no dataclass: their ranges are in _RANGES.
+
+
+def choice(default: Any, allowed: Iterable) -> Any:
+  """A dataclass field of a config section whose value must be one of `allowed` (validate() checks it)."""
+  return dataclasses.field(default=default, metadata={'choices': tuple(allowed)})
+
+
+def bounded(default: Any = dataclasses.MISSING, *, low: float, high: float | None = None,
+            low_excluded: bool = False) -> Any:
+  """A dataclass field of a config section whose value must lie in [low, high] ((low, high] when low_excluded;
+  no upper bound when high is None). No default: a required field."""
+  return dataclasses.field(default=default, metadata={'range': (low, high, low_excluded)})
+
+
+def section_schemas() -> dict[str, type]:
+  """Config section -> the dataclass that describes it. Imported when called: those modules import this one (for
+  choice and bounded), and a config is validated long after both are loaded."""
+  from layerskip_jax.model.model_config import ModelConfig, RopeScaling  # noqa: PLC0415 (the schema, see above)
+  from layerskip_jax.objective.objective_config import ObjectiveConfig  # noqa: PLC0415
+  return {'model': ModelConfig, 'model.rope_scaling': RopeScaling, 'layerskip': ObjectiveConfig}
+
+
+def section_kwargs(section: config_dict.ConfigDict, schema: type, name: str) -> dict[str, Any]:
+  """The keyword arguments of `schema` from a config section, whose keys must be its fields (nested sections
+  become dicts). A mismatch is a one-line ConfigError naming the key, not a TypeError from the constructor."""
+  fields = {f.name for f in dataclasses.fields(schema) if not f.metadata.get('outside_section')}
+  values = section.to_dict()
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ConfigError(f'{name}.{unknown[0]}: not a field of {schema.__name__} ({_schema_file(schema)}); add the '
+                      'field there, or remove the key')
+  missing = sorted(f for f in fields - set(values) if _required(schema, f))
+  if missing:
+    raise ConfigError(f'{name}.{missing[0]}: a required field of {schema.__name__} missing from the config; add it '
+                      'to configs/base.py')
+  return values
+
+
+def _required(schema: type, name: str) -> bool:
+  f = next(f for f in dataclasses.fields(schema) if f.name == name)
+  return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _schema_file(schema: type) -> str:
+  return schema.__module__.removeprefix('layerskip_jax.').replace('.', '/') + '.py'
+
+
+def field_rules() -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """(choices, ranges) of every dataclass-described key, e.g. {'model.dtype': DTYPES}, read from the fields."""
+  choices, ranges = {}, {}
+  for section, schema in section_schemas().items():
+    for f in dataclasses.fields(schema):
+      if 'choices' in f.metadata:
+        choices[f'{section}.{f.name}'] = f.metadata['choices']
+      if 'range' in f.metadata:
+        ranges[f'{section}.{f.name}'] = f.metadata['range']
+  return choices, ranges
+
+
+# Keys of the sections without a dataclass: (lowest allowed, highest allowed or None, whether the lowest is excluded)
 _RANGES = {
-    'model.vocab_size': (1, None, False),
-    'model.hidden_size': (1, None, False),
-    'model.intermediate_size': (1, None, False),
-    'model.num_hidden_layers': (2, None, False),
-    'model.num_attention_heads': (1, None, False),
-    'model.num_key_value_heads': (1, None, False),
-    'model.head_dim': (0, None, False),
-    'model.rope_theta': (0.0, None, True),
-    'model.rope_scaling.factor': (1.0, None, False),
-    'model.rope_scaling.low_freq_factor': (0.0, None, True),
-    'model.rope_scaling.high_freq_factor': (0.0, None, True),
-    'model.rope_scaling.original_max_position_embeddings': (1, None, False),
-    'model.rms_norm_eps': (0.0, None, True),
-    'model.max_position_embeddings': (1, None, False),
-    'model.initializer_range': (0.0, None, False),
-    'model.scan_unroll': (1, None, False),
-    'model.attention_block': (16, None, False),
-    'layerskip.p_max': (0.0, 1.0, False),
-    'layerskip.e_scale': (0.0, None, False),
-    'layerskip.rotation_period': (1, None, False),
-    'layerskip.exit_token_fraction': (0.0, 1.0, True),
-    'layerskip.ce_chunk_len': (1, None, False),
-    'layerskip.distill_weight': (0.0, 1.0, False),
-    'layerskip.distill_temperature': (0.0, None, True),
-    'layerskip.distill_warmup': (0.0, 1.0, False),
-    'layerskip.draft_exit': (0, None, False),
     'train.steps': (1, None, False),
     'train.batch_size': (1, None, False),
     'train.grad_accum_steps': (1, None, False),
@@ -248,11 +266,14 @@ def validate(config: config_dict.ConfigDict) -> None:
       _get(base, key)
     except (KeyError, AttributeError):
       raise ConfigError(f'{key}: unknown config key{_suggestion(base, key)}') from None
-  for key, allowed in _CHOICES.items():
+  for section, schema in section_schemas().items():
+    section_kwargs(_get(base, section), schema, section)  # base.py and the dataclass agree on the keys
+  choices, ranges = field_rules()
+  for key, allowed in choices.items():
     value = _get(config, key)
     if value not in allowed:
       raise ConfigError(f'{key}={value!r}: must be one of {", ".join(allowed)}')
-  for key, (low, high, low_excluded) in _RANGES.items():
+  for key, (low, high, low_excluded) in {**ranges, **_RANGES}.items():
     value = _get(config, key)
     if value < low or (low_excluded and value == low) or (high is not None and value > high):
       bound = f'> {low}' if low_excluded else f'>= {low}'

@@ -27,8 +27,7 @@ from layerskip_jax import api, cli, outputs
 from layerskip_jax.data import loader
 from layerskip_jax.data.cache import PreparedData, ensure_prepared
 from layerskip_jax.errors import UsageError
-from layerskip_jax.objective.loss import exit_statistics
-from layerskip_jax.train.trainer import summarize_exits
+from layerskip_jax.objective.loss import exit_statistics, summarize_exits
 
 
 def prepare_source(lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, *,

@@ -12,7 +12,8 @@ import pytest
 from layerskip_jax import config as config_lib
 from layerskip_jax.config import ConfigError
 from layerskip_jax.model import ModelConfig, count_params
-from layerskip_jax.model.layers import REMAT_POLICIES
+from layerskip_jax.model.model_config import REMAT_POLICIES
+from layerskip_jax.objective import ObjectiveConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -50,8 +51,38 @@ def test_every_base_key_has_a_comment():
       assert '#' in line, f'configs/base.py: key without a comment: {line.strip()}'
 
 
-def test_remat_policy_names_match_the_model():
-  assert set(config_lib.REMAT_POLICIES) == set(REMAT_POLICIES)
+def test_allowed_values_come_from_the_fields_they_constrain():
+  """The model and layerskip sections' choices and ranges are read from their dataclasses' fields (one place)."""
+  choices, ranges = config_lib.field_rules()
+  assert choices['model.remat_policy'] == tuple(REMAT_POLICIES)  # the policies themselves: no second list
+  assert choices['layerskip.curriculum'] == ('rotational', 'gradual', 'none')
+  assert ranges['layerskip.exit_token_fraction'] == (0.0, 1.0, True)
+  assert ranges['model.rope_scaling.factor'] == (1.0, None, False)
+  with pytest.raises(ConfigError, match=r"^model.remat_policy='some': must be one of none, full, save_dots, "
+                     r"save_proj$"):
+    config_lib.load('tiny', ['model.remat_policy=some'])
+
+
+def test_a_section_and_its_dataclass_that_disagree_are_one_line_naming_the_key():
+  config = config_lib.load('tiny')
+  model = config.model.to_dict()
+  model['sliding_window'] = 64  # a key added to configs/base.py without its field
+  with pytest.raises(ConfigError, match=r'^model.sliding_window: not a field of ModelConfig \(model/model_config.py\); '
+                     r'add the field there, or remove the key$'):
+    ModelConfig.from_config(config_lib.config_dict.ConfigDict(model))
+  layerskip = config.layerskip.to_dict()
+  del layerskip['p_max']  # not required (it has a default): the dataclass's default applies
+  config.unlock()
+  config.layerskip = config_lib.config_dict.ConfigDict(layerskip)
+  assert ObjectiveConfig.from_config(config).p_max == ObjectiveConfig().p_max
+  config.layerskip.warmup_exits = 3
+  with pytest.raises(ConfigError, match=r'^layerskip.warmup_exits: not a field of ObjectiveConfig '
+                     r'\(objective/objective_config.py\)'):
+    ObjectiveConfig.from_config(config)
+  del model['sliding_window'], model['vocab_size']  # a required field (no default) missing from the section
+  with pytest.raises(ConfigError, match=r'^model.vocab_size: a required field of ModelConfig missing from the '
+                     r'config; add it to configs/base.py$'):
+    ModelConfig.from_config(config_lib.config_dict.ConfigDict(model))
 
 
 def test_overrides_are_typed():

@@ -455,10 +455,12 @@ def test_data_bench_simulates_processes_and_measures_the_index(tmp_path):
                                   text=True, timeout=600)
   out = tmp_path / 'bench.json'
   result = run('--batches', '3', '--processes', '4', '--train_steps', '0', '--target', 'tiny', '--workers', '0,1',
-               '--gpus_per_host', '2', '--index_tokens', '3e7', '--index_seq_len', '512', '--json', str(out))
+               '--gpus_per_host', '2', '--index_tokens', '3e7', '--index_seq_len', '512', '--step_tokens_per_sec',
+               '1000', '--json', str(out))
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
   assert len(report['loader_tokens_per_sec_per_process']) == 4 and report['plan_us_per_chunk'] > 0
+  assert report['loader_over_train'] == min(report['loader_tokens_per_sec_per_process']) * 4 / 1000
   assert set(report['target']['by_workers']) == {'0', '1'} and report['target']['need'] == 80_000
   assert 'one host keeps 2 GPUs fed' in result.stdout
   memory = {r['method'].split(' ')[0]: r for r in report['index']}
@@ -468,3 +470,5 @@ def test_data_bench_simulates_processes_and_measures_the_index(tmp_path):
   assert bad.returncode == 2 and bad.stderr.strip().endswith('--processes=3: must divide train.batch_size=16 (each '
                                                              'process reads whole rows)')
   assert not (tmp_path / 'x.json').exists()
+  moved = run('--train_steps', '6')  # the step is timed by train.bench --what input now
+  assert moved.returncode == 2 and '--train_steps=6: the train step is timed' in moved.stderr.strip().splitlines()[-1]

@@ -34,12 +34,12 @@ def test_cached_decoding_equals_a_full_forward(model):
   full = model(tokens)
   cache_k, cache_v = init_cache(CONFIG, 2, 32)
   positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-  x, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens[:, :12]), positions, cache_k, cache_v)
+  x, cache_k, cache_v, _ = model.run_cached(model.embed(tokens[:, :12]), positions, cache_k, cache_v)
   np.testing.assert_allclose(model.head(x), full[:, :12], atol=1e-4)
   for t in range(12, 20):  # then one token at a time, and a split [0, 2) + [2, L) pass
     pos = jnp.full((2, 1), t)
-    x, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens[:, t:t + 1]), pos, cache_k, cache_v, stop=2)
-    x, cache_k, cache_v, _ = model.run_layers_cached(x, pos, cache_k, cache_v, start=2)
+    x, cache_k, cache_v, _ = model.run_cached(model.embed(tokens[:, t:t + 1]), pos, cache_k, cache_v, stop=2)
+    x, cache_k, cache_v, _ = model.run_cached(x, pos, cache_k, cache_v, start=2)
     np.testing.assert_allclose(model.head(x)[:, 0], full[:, t], atol=1e-4)
 
 

@@ -123,12 +123,12 @@ def test_layer_ranges_compose(small_model, small_config):
   tokens = _tokens()
   positions = default_positions(tokens)
   x0 = small_model.embed(tokens)
-  full, _ = small_model.run_layers(x0, positions)
+  full = small_model.run_span(x0, positions)
   hidden = _unrolled_hidden(small_model, tokens)
   for exit_layer in range(1, small_config.num_hidden_layers):
-    x_e, _ = small_model.run_layers(x0, positions, stop=exit_layer)
+    x_e = small_model.run_span(x0, positions, stop=exit_layer)
     _close(x_e, hidden[exit_layer - 1], 1e-5)
-    x_l, _ = small_model.run_layers(x_e, positions, start=exit_layer)
+    x_l = small_model.run_span(x_e, positions, start=exit_layer)
     _close(x_l, full, 1e-5)
 
 
@@ -142,8 +142,8 @@ def test_traced_exit_layer_one_compile(small_model, small_config):
   def split_run(model, tokens, exit_layer):
     traces.append(exit_layer)
     positions = default_positions(tokens)
-    x_e, _ = model.run_layers(model.embed(tokens), positions, stop=exit_layer)
-    x_l, _ = model.run_layers(x_e, positions, start=exit_layer)
+    x_e = model.run_span(model.embed(tokens), positions, stop=exit_layer)
+    x_l = model.run_span(x_e, positions, start=exit_layer)
     return model.head(x_e), x_l
 
   for exit_layer in range(1, small_config.num_hidden_layers + 1):
@@ -168,12 +168,13 @@ def test_sample_keep_skips_layer_for_that_sequence_only(small_model, small_confi
   positions = default_positions(tokens)
   x0 = small_model.embed(tokens)
   keep = jnp.ones((small_config.num_hidden_layers, 2), bool).at[2, 0].set(False)
-  _, hidden = small_model.run_layers(x0, positions, sample_keep=keep, collect=True)
+  every = jnp.arange(small_config.num_hidden_layers, dtype=jnp.int32)
+  _, hidden = small_model.run_train(x0, positions, sample_keep=keep, collect_layers=every)
   reference = _unrolled_hidden(small_model, tokens)
   _close(hidden[:, 1], reference[:, 1], 1e-5)  # row 1 keeps every layer
   _close(hidden[2, 0], hidden[1, 0], 0)  # row 0 passes layer 2 unchanged
-  x2, _ = small_model.run_layers(x0[:1], positions[:1], stop=2)
-  x_ref, _ = small_model.run_layers(x2, positions[:1], start=3)
+  x2 = small_model.run_span(x0[:1], positions[:1], stop=2)
+  x_ref = small_model.run_span(x2, positions[:1], start=3)
   _close(hidden[-1, :1], x_ref, 1e-5)
 
 
@@ -183,9 +184,10 @@ def test_collect_layers_returns_those_layers_outputs(small_model, small_config):
   positions = default_positions(tokens)
   x0 = small_model.embed(tokens)
   keep = jnp.ones((small_config.num_hidden_layers, 2), bool).at[1, 0].set(False)
-  x_all, every = small_model.run_layers(x0, positions, sample_keep=keep, collect=True)
+  all_layers = jnp.arange(small_config.num_hidden_layers, dtype=jnp.int32)
+  x_all, every = small_model.run_train(x0, positions, sample_keep=keep, collect_layers=all_layers)
   chosen = jnp.asarray([2, 0], jnp.int32)
-  x_some, some = jax.jit(lambda x, c: small_model.run_layers(x, positions, sample_keep=keep, collect_layers=c))(
+  x_some, some = jax.jit(lambda x, c: small_model.run_train(x, positions, sample_keep=keep, collect_layers=c))(
       x0, chosen)
   assert some.shape == (2, *x0.shape)
   _close(some, every[np.asarray(chosen)], 1e-6)
@@ -198,12 +200,12 @@ def test_layer_keep_skips_with_a_conditional(small_model, small_config):
   keep = jnp.asarray([True, False, True, True])
 
   def run(model, x0, keep):
-    return model.run_layers(x0, positions, layer_keep=keep)[0]
+    return model.run_train(x0, positions, layer_keep=keep)[0]
 
   x0 = small_model.embed(tokens)
   out = nnx.jit(run)(small_model, x0, keep)
-  x1, _ = small_model.run_layers(x0, positions, stop=1)
-  ref, _ = small_model.run_layers(x1, positions, start=2)
+  x1 = small_model.run_span(x0, positions, stop=1)
+  ref = small_model.run_span(x1, positions, start=2)
   _close(out, ref, 1e-5)
   text = nnx.jit(run).lower(small_model, x0, keep).as_text()
   assert re.search(r'stablehlo\.case|stablehlo\.if', text), 'a skipped layer must be a conditional, not a multiply'

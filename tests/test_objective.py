@@ -192,7 +192,7 @@ def test_baseline_is_a_plain_language_model_loss(small_model):
     return layerskip_loss(model, batch, 3, 0, BASELINE)[0]
 
   def same_path_without_exit_terms(model):  # the code path of the last exit alone
-    x, _ = model.run_layers(model.embed(batch['inputs']), jnp.broadcast_to(jnp.arange(24), (2, 24)))
+    x = model.run_span(model.embed(batch['inputs']), jnp.broadcast_to(jnp.arange(24), (2, 24)))
     return objective.cross_entropy_sum(model, x, batch['targets'], batch['loss_mask'], 7) / 48.0
 
   def unchunked(model):
@@ -364,8 +364,8 @@ def test_no_gradient_reaches_the_last_exit_through_distillation(small_model):
   batch = _batch()
   x0 = small_model.embed(batch['inputs'])
   positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
-  student, _ = small_model.run_layers(x0, positions, stop=1)
-  teacher, _ = small_model.run_layers(x0, positions)
+  student = small_model.run_span(x0, positions, stop=1)
+  teacher = small_model.run_span(x0, positions)
 
   def distilled(student, teacher):
     return objective.distillation_sums(small_model, student, teacher, batch['targets'], batch['loss_mask'], 7)[1]

@@ -38,11 +38,16 @@ def _id(command: list[str]) -> str:
   return ' '.join(command)[:60]
 
 
+CI_COMMANDS = 4  # after the main command: install, the format check, the lint check, the tests
+
+
 def test_the_readme_opens_with_the_main_command_and_the_ci_command():
   ci = (ROOT / '.ci' / 'run').read_text().strip().splitlines()[-1]
   assert COMMANDS[0] == ['bash', 'launch/local.sh']
-  assert ' '.join(COMMANDS[1] + ['&&'] + COMMANDS[2]) in ci.replace('pip install -q', 'pip install')
-  assert COMMANDS[2] == ['python', '-m', 'pytest', '-q']
+  readme_ci = ' && '.join(' '.join(c) for c in COMMANDS[1:1 + CI_COMMANDS])
+  assert readme_ci in ci.replace('pip install -q', 'pip install')
+  assert COMMANDS[2:1 + CI_COMMANDS] == [['ruff', 'format', '--check', '.'], ['ruff', 'check', '.'],
+                                         ['python', '-m', 'pytest', '-q']]
 
 
 @pytest.mark.parametrize('command', COMMANDS, ids=_id)
@@ -50,7 +55,7 @@ def test_readme_command(command, tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
   if command[0] in EXTERNAL:
     return
-  if command[:2] == ['pip', 'install'] or command[:4] == ['python', '-m', 'pytest', '-q']:
+  if command[:2] == ['pip', 'install'] or command[0] == 'ruff' or command[:4] == ['python', '-m', 'pytest', '-q']:
     return  # the CI command: checked above, run by CI itself
   if command[0] == 'sbatch':  # the script's own --dry-run; sbatch's options are sbatch's
     script = next(i for i, w in enumerate(command) if w.endswith('.sbatch'))

@@ -51,3 +51,14 @@ def test_flops_counts_each_exit_the_step_computes():
   assert preset['step_flops'] == base['counted_flops'] + 3 * preset['one_exit_flops']
   # the layers are unrolled: the plain count is the model's, not one layer's (6 x matmul parameters per token)
   assert base['counted_flops'] > 6 * 6.0e6 * 64
+
+
+def test_input_compares_the_loader_with_the_step_on_the_same_data(tmp_path):
+  """--what input: the loader and the compiled step of one config, on its own data, in one run (data sits below
+  train, so the comparison is made here, not in data.bench)."""
+  model = [o for o in SMALL if not o.startswith(('model.vocab_size', 'train.'))]
+  report = bench.input_pipeline('tiny', 2, 3, [*model, 'train.batch_size=4', 'train.seq_len=32',
+                                               f'data.cache_dir={tmp_path / "cache"}'])
+  assert report['batch'] == 4 and report['seq_len'] == 32
+  assert report['loader_tokens_per_sec'] > 0 and report['train_step_tokens_per_sec'] > 0
+  assert report['loader_over_train'] == report['loader_tokens_per_sec'] / report['train_step_tokens_per_sec']

@@ -1,6 +1,7 @@
 """What the loader delivers per process, against what the train step consumes; and what its chunk index costs.
 
     python -m layerskip_jax.data.bench [--config tiny] [--batches 300] [--processes 4] [--json data_bench.json]
+    python -m layerskip_jax.data.bench --step_tokens_per_sec 50000   # against a train step's consumption
     python -m layerskip_jax.data.bench --target llama3_2_1b --gpus_per_host 8 --tokens_per_gpu 40000 --workers 0,1,2
     python -m layerskip_jax.data.bench --index_tokens 1e10 --train_steps 0 --batches 0
 
@@ -11,6 +12,10 @@ data) and reports whether one host keeps `--gpus_per_host` accelerators fed at `
 with how many reader threads (data.num_workers). `--index_tokens` writes a synthetic prepared directory of that many
 tokens (lengths sidecars only, documents of about 1,000 tokens) and measures, each in a fresh process, the memory
 and time to open it: the in-memory chunk index of earlier versions against the memory-mapped one.
+
+The train step's consumption is passed in (`--step_tokens_per_sec`): data sits below train, so the step is timed
+where both are visible, by `python -m layerskip_jax.train.bench --what input` (the loader against the compiled step
+of the same config, in one run).
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ import pathlib
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -30,6 +33,7 @@ from layerskip_jax import cli, outputs
 from layerskip_jax import config as config_lib
 from layerskip_jax.data import index as index_lib
 from layerskip_jax.data import loader
+from layerskip_jax.data.throughput import loader_rate
 from layerskip_jax.data.cache import ensure_prepared
 from layerskip_jax.data.prepare import FORMAT, MANIFEST
 from layerskip_jax.errors import UsageError
@@ -37,7 +41,9 @@ from layerskip_jax.errors import UsageError
 flags.DEFINE_string('config', 'tiny', 'config whose data, batch and sequence length are measured')
 flags.DEFINE_integer('batches', 300, 'global batches each simulated process reads (0: skip the loader)')
 flags.DEFINE_integer('processes', 1, 'simulated processes sharing each global batch (must divide the batch size)')
-flags.DEFINE_integer('train_steps', 6, 'train steps to time for the comparison (0: skip)')
+flags.DEFINE_float('step_tokens_per_sec', 0, 'tokens/s the train step consumes, to compare the loader with (0: no '
+                   'comparison; train.bench --what input measures both)')
+flags.DEFINE_integer('train_steps', 0, 'no longer used here (0 only): the step is timed by train.bench --what input')
 flags.DEFINE_string('target', None, 'preset whose seq_len and batch_size the headroom is measured at')
 flags.DEFINE_integer('gpus_per_host', 8, 'accelerators one host feeds (with --target)')
 flags.DEFINE_float('tokens_per_gpu', 40_000, 'tokens/s each accelerator trains (with --target)')
@@ -48,20 +54,6 @@ flags.DEFINE_string('json', None, 'write the results here')
 
 DOCUMENT_TOKENS = 1000  # mean document length of the synthetic corpus
 SHARD_TOKENS = 16 << 20  # as prepare writes them
-
-
-def _rate(directory, seq_len: int, batch_size: int, rows: loader.Rows, batches: int, seed: int,
-          workers: int = 0) -> float:
-  """Tokens/s of the rows `rows` of each global batch, over `batches` batches after a first one."""
-  it = iter(loader.dataset(directory, seq_len, batch_size, seed=seed, num_workers=workers, rows=rows))
-  try:
-    next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    return batches * len(rows.indices) * seq_len / (time.perf_counter() - start)
-  finally:
-    it.close()
 
 
 def _plan_cost(directory, seq_len: int, batch_size: int, batches: int, seed: int) -> tuple[float, float]:
@@ -157,14 +149,19 @@ def _index_report(tokens: float, seq_len: int) -> list[dict]:
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
-  for name, value, least in (('batches', f.batches, 0), ('train_steps', f.train_steps, 0),
-                             ('processes', f.processes, 1), ('gpus_per_host', f.gpus_per_host, 1),
+  if f.train_steps:
+    raise UsageError(f'--train_steps={f.train_steps}: the train step is timed where data and train are both visible, '
+                     'by python -m layerskip_jax.train.bench --what input; give its tokens/s as --step_tokens_per_sec')
+  for name, value, least in (('batches', f.batches, 0), ('processes', f.processes, 1),
+                             ('gpus_per_host', f.gpus_per_host, 1),
                              ('index_seq_len', f.index_seq_len, 1)):
     if value < least:
       raise UsageError(f'--{name}={value}: must be at least {least}')
-  if f.tokens_per_gpu <= 0 or f.index_tokens < 0:
-    bad = ('tokens_per_gpu', f.tokens_per_gpu) if f.tokens_per_gpu <= 0 else ('index_tokens', f.index_tokens)
-    raise UsageError(f'--{bad[0]}={bad[1]:g}: must be positive' + (' or 0' if bad[0] == 'index_tokens' else ''))
+  if f.tokens_per_gpu <= 0:
+    raise UsageError(f'--tokens_per_gpu={f.tokens_per_gpu:g}: must be positive')
+  for name in ('index_tokens', 'step_tokens_per_sec'):
+    if f[name].value < 0:
+      raise UsageError(f'--{name}={f[name].value:g}: must be positive or 0')
   if not all(w.isdigit() for w in f.workers):
     raise UsageError(f'--workers={",".join(f.workers)}: give thread counts (0 or more), e.g. 0,1,2')
   json_path = outputs.check_file('--json', f.json)  # before the benchmark, not after it
@@ -174,9 +171,9 @@ def main(args: cli.Args) -> None:
     raise UsageError(f'--processes={f.processes}: must divide train.batch_size={b} (each process reads whole rows)')
   target = config_lib.load(f.target, []) if f.target else None
   report: dict = {'config': f.config, 'batch': b, 'seq_len': t, 'processes': f.processes}
-  prepared = ensure_prepared(config) if f.batches or f.train_steps else None
+  prepared = ensure_prepared(config) if f.batches else None
   if f.batches:
-    rates = [_rate(prepared.train, t, b, _process_rows(p, f.processes, b), f.batches, config.train.seed,
+    rates = [loader_rate(prepared.train, t, b, _process_rows(p, f.processes, b), f.batches, config.train.seed,
                    config.data.num_workers) for p in range(f.processes)]
     plan_us, chunks_per_row = _plan_cost(prepared.train, t, b, f.batches, config.train.seed)
     report.update(loader_tokens_per_sec_per_process=rates, loader_tokens_per_sec=min(rates) * f.processes,
@@ -185,22 +182,11 @@ def main(args: cli.Args) -> None:
           f'the {b} rows of {f.batches} batches of {b} x {t} ({f.processes} process{"es" * (f.processes > 1)})')
     print(f'plan: {plan_us:.1f} us per chunk of the global batch ({chunks_per_row:.2f} chunks per row), on every '
           'process: the one part of its work that grows with the global batch rather than with its rows')
-  if f.train_steps:
-    from layerskip_jax.train.step import compiled_train_step
-    compiled, state = compiled_train_step(config, b, t, concrete=True)
-    batch = {k: jnp.asarray(v) for k, v in next(iter(loader.dataset(prepared.train, t, b))).items()}
-    times = []
-    for i in range(f.train_steps + 1):
-      begin = time.perf_counter()
-      state, metrics = compiled(state, batch, jnp.int32(i))
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - begin)
-    step_tps = b * t / float(np.median(times[1:]))
-    report.update(train_step_tokens_per_sec=step_tps)
-    if f.batches:
-      per_process = min(report['loader_tokens_per_sec_per_process'])
-      report['loader_over_train'] = per_process * f.processes / step_tps
-      print(f'train step: {step_tps:,.0f} tokens/s -> the loader delivers {report["loader_over_train"]:,.0f}x that')
+  if f.step_tokens_per_sec and f.batches:
+    report['train_step_tokens_per_sec'] = f.step_tokens_per_sec
+    report['loader_over_train'] = min(rates) * f.processes / f.step_tokens_per_sec
+    print(f'train step (given): {f.step_tokens_per_sec:,.0f} tokens/s -> the loader delivers '
+          f'{report["loader_over_train"]:,.0f}x that')
   if target is not None:
     tb, tt = target.train.batch_size, target.train.seq_len
     need = f.gpus_per_host * f.tokens_per_gpu
@@ -210,7 +196,7 @@ def main(args: cli.Args) -> None:
     prepared = prepared or ensure_prepared(config)
     headroom = {}
     for workers in (int(w) for w in f.workers):
-      rate = _rate(prepared.train, tt, rows.size, rows, batches, config.train.seed, workers)
+      rate = loader_rate(prepared.train, tt, rows.size, rows, batches, config.train.seed, workers)
       headroom[workers] = {'tokens_per_sec': rate, 'headroom': rate / need}
       print(f'{f.target} (seq_len {tt}, {rows_per_host} rows per host): {rate:,.0f} tokens/s with {workers} reader '
             f'thread(s) = {rate / need:.1f}x what {f.gpus_per_host} GPUs at {f.tokens_per_gpu:,.0f} tokens/s consume '

@@ -56,7 +56,8 @@ from flax import nnx
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference import generate as generate_lib
 from layerskip_jax.inference.cache import check_length
-from layerskip_jax.inference.generate import encode_prompts, uses_unstacked_layers
+from layerskip_jax.inference.generate import encode_prompts
+from layerskip_jax.inference.layout import uses_unstacked_layers
 
 if TYPE_CHECKING:
   from layerskip_jax.api import LoadedModel
@@ -360,7 +361,7 @@ def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
 
   # 2. agreement of every exit with the last, replayed rounds of every candidate on every batch
   # the model the decoder ran (on a CPU a bf16 model decodes in float32): its agreement is what the rounds replay
-  agree = agreement(getattr(lm, '_decode_model', None) or lm.model, rows, continuations)
+  agree = agreement(lm.decode_model, rows, continuations)
   runs = [run_lengths(a) for a in agree]
   candidates = [Setting(e, d) for e in exit_layers for d in speculations]
   replays = {s: [replay([runs[r][s.exit_layer - 1] for r in range(i, i + len(b))], lengths[i:i + len(b)],

@@ -7,9 +7,9 @@ What is compiled once and what is a runtime value:
 - d, the sampling settings and the drafting threshold are runtime values; the verify block is static: d_max + 1
   rows, d_max the "d bucket" (generate() makes it d itself unless told otherwise: every verified row costs, so one
   program per d is the fastest; a shared bucket serves every d up to it).
-- E is a runtime value on the CPU path (unstacked float32 layers, a lax.cond per layer: one program for every exit)
-  and static on the stacked-weights path (GPU/TPU: loops over exactly the layers a phase runs, no conditional per
-  layer; one program per exit), see Transformer.run_layers_cached.
+- E is a runtime value in the unstacked layout (the CPU's: float32 layers, a lax.cond per layer: one program for
+  every exit) and static in the stacked one (GPU/TPU: loops over exactly the layers a phase runs, no conditional per
+  layer; one program per exit); inference/layout.py decides which.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layerskip_jax.inference.cache import init_cache
+from layerskip_jax.inference.layout import run_cached
 from layerskip_jax.inference.sampling import probabilities, sample
 from layerskip_jax.model import Transformer
 
@@ -91,12 +92,11 @@ def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v
   last prompt position, and the filled cache."""
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  x_e, cache_k, cache_v, _ = model.run_layers_cached(model.embed(tokens), positions, cache_k, cache_v,
-                                                     stop=exit_layer, layer_params=layer_params)
+  x_e, cache_k, cache_v, _ = run_cached(model, layer_params, model.embed(tokens), positions, cache_k, cache_v,
+                                        stop=exit_layer)
   x_l = x_e
   if not isinstance(exit_layer, int) or exit_layer < model.config.num_hidden_layers:
-    x_l, cache_k, cache_v, _ = model.run_layers_cached(x_e, positions, cache_k, cache_v, start=exit_layer,
-                                                       layer_params=layer_params)
+    x_l, cache_k, cache_v, _ = run_cached(model, layer_params, x_e, positions, cache_k, cache_v, start=exit_layer)
   last = (lengths - 1)[:, None, None]
   pick = lambda x: jnp.take_along_axis(x, last, axis=1)[:, 0]
   return model.head(pick(x_e)), model.head(pick(x_l)), cache_k, cache_v
@@ -105,9 +105,8 @@ def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v
 def _one_token_step(model, layer_params, state: DecodeState, exit_layer, greedy, sampling, eos_ids, max_new):
   """Autoregressive (exit_layer = L) or early-exit decoding of one token per row."""
   active = ~state.done
-  x, cache_k, cache_v, ran = model.run_layers_cached(model.embed(state.y0[:, None]), state.pos[:, None],
-                                                     state.cache_k, state.cache_v, stop=exit_layer,
-                                                     layer_params=layer_params)
+  x, cache_k, cache_v, ran = run_cached(model, layer_params, model.embed(state.y0[:, None]), state.pos[:, None],
+                                        state.cache_k, state.cache_v, stop=exit_layer)
   key, sub = jax.random.split(state.key)
   token, _ = _choose(sub, model.head(x[:, 0]), greedy, sampling)
   out, n_out, done = _emit(state, token[:, None], jnp.ones_like(state.n_out), eos_ids, max_new)
@@ -140,9 +139,8 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
   use_confidence = drafting.adapt | (drafting.threshold > 0)
 
   def through_early_layers(cache_k, cache_v, xq, token, offset):
-    x, cache_k, cache_v, ran = model.run_layers_cached(model.embed(token[:, None]), (state.pos + offset)[:, None],
-                                                       cache_k, cache_v, stop=exit_layer,
-                                                       layer_params=layer_params)
+    x, cache_k, cache_v, ran = run_cached(model, layer_params, model.embed(token[:, None]),
+                                          (state.pos + offset)[:, None], cache_k, cache_v, stop=exit_layer)
     xq = jax.lax.dynamic_update_slice_in_dim(xq, x, offset, axis=1)  # save x_E (the "Q" of the KVQ cache)
     return cache_k, cache_v, xq, x[:, 0], ran
 
@@ -173,8 +171,8 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
   cache_k, cache_v, xq, _, ran_early = through_early_layers(cache_k, cache_v, xq, y_last, k)  # x_E of p..p+k known
 
   verify_pos = state.pos[:, None] + jnp.arange(d_max + 1)
-  x_l, cache_k, cache_v, ran_late = model.run_layers_cached(xq, verify_pos, cache_k, cache_v, start=exit_layer,
-                                                            layer_params=layer_params)
+  x_l, cache_k, cache_v, ran_late = run_cached(model, layer_params, xq, verify_pos, cache_k, cache_v,
+                                               start=exit_layer)
   # meaningful rows: each active row's drafts and the token before them, through every layer once (KVQ reuse)
   rows = state.layer_rows + (ran_early | ran_late) * jnp.sum(jnp.where(active, n_drafts + 1, 0))
   logits = model.head(x_l)  # row j judges draft j+1; row a gives the correction or the bonus token

@@ -17,6 +17,8 @@ from layerskip_jax.data.tokenizer import Tokenizer
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference.cache import cache_length, check_length
 from layerskip_jax.inference.decode import STRATEGIES, Drafting, Sampling, decode_loop, prefill
+from layerskip_jax.inference.layout import (DecodeWeights, cpu_decode_model, decode_weights,  # noqa: F401 (API)
+                                            uses_unstacked_layers)
 from layerskip_jax.inference.sampling import check_parameters
 from layerskip_jax.model import ModelConfig, Transformer
 
@@ -107,33 +109,6 @@ def compiled_programs() -> int:
   return prefill._cache_size() + decode_loop._cache_size()
 
 
-def cpu_decode_model(model: Transformer) -> Transformer:
-  """The model the CPU decode path runs: itself when it computes in float32, else the same model with a float32
-  config whose embedding, final norm and head are float32 copies (same values); its stacked layers are left as they
-  are (no copy): the CPU path reads `unstacked_layers(jnp.float32)`, one float32 copy of every layer.
-
-  On a CPU, bfloat16 arithmetic is slower than float32 (no native bf16 matmul here), and its rounding makes a
-  (d + 1)-row verify and a one-row step part at near-ties (a 0.6% top-2 margin in the bf16 test model): in float32
-  self-speculative and autoregressive decoding choose the same tokens. Made once per loaded model (api caches it);
-  a bf16 model's float32 layers take twice its memory."""
-  if model.config.compute_dtype == jnp.float32 and model.config.weight_dtype == jnp.float32:
-    return model
-  config = model.config.replace(dtype='float32', param_dtype='float32')
-  graphdef, state = nnx.split(model)
-  target, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-  cast = lambda path, a: a if path and path[0] == 'layers' else a.astype(jnp.float32)
-  return nnx.merge(target, jax.tree_util.tree_map_with_path(lambda p, a: cast(_keys(p), a), state))
-
-
-def _keys(path) -> tuple:
-  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
-
-
-def uses_unstacked_layers() -> bool:
-  """Whether decoding runs on separately stored layer weights: on a CPU, where slicing stacked weights copies them."""
-  return jax.default_backend() == 'cpu'
-
-
 def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | None = None,
              strategy: str = 'autoregressive', exit_layer: int | None = None, num_speculations: int = 4,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -148,12 +123,11 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
     exit) is below it; 0 = off (always d drafts). adapt_threshold: adapt each row's threshold online from its
     acceptance (up after a rejection, down after a row stopped by confidence had every draft accepted), starting
     from confidence_threshold or DEFAULT_ADAPT_THRESHOLD. Both are runtime values (no recompile).
-  unstack_layers: run the decode program on separately stored layer weights in float32 (see
-    Transformer.run_layers_cached and cpu_decode_model); None = on a CPU backend only. Then E is a runtime value
-    (one program for every exit); on stacked weights (GPU/TPU) E is static: one program per exit, with no
-    conditional per layer.
-  layer_params: `cpu_decode_model(model).unstacked_layers()` made once, to reuse across calls (made here when
-    needed and not given; a model given with them is taken to be cpu_decode_model's already).
+  unstack_layers: the decode layout (inference/layout.py): True runs the decode programs on separately stored
+    float32 layer weights, with E a runtime value (one program for every exit); False on the stacked weights,
+    with E static (one program per exit, no conditional per layer); None = unstacked on a CPU backend only.
+  layer_params: `decode_weights(model).layer_params` made once, to reuse across calls in the unstacked layout
+    (made here when needed and not given; a model given with them is taken to be its decode model already).
   """
   exit_layer, d_max = check_request(model.config, strategy=strategy, exit_layer=exit_layer,
                                     num_speculations=num_speculations, temperature=temperature, top_k=top_k,
@@ -163,8 +137,11 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
     raise UsageError(f'adapt_threshold={adapt_threshold!r}: must be True or False')
   if unstack_layers is None:
     unstack_layers = uses_unstacked_layers()
-  if unstack_layers and layer_params is None:
-    model = cpu_decode_model(model)
+  if unstack_layers and layer_params is not None:
+    weights = DecodeWeights(model, layer_params)
+  else:
+    weights = decode_weights(model, unstack_layers)
+  model = weights.model
   config = model.config
   rows = encode_prompts(prompts, tokenizer)
   for i, row in enumerate(rows):
@@ -184,12 +161,9 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   threshold = confidence_threshold or (DEFAULT_ADAPT_THRESHOLD if adapt_threshold else 0.0)
   drafting = Drafting(jnp.float32(threshold), jnp.bool_(adapt_threshold))
   graphdef, params = nnx.split(model)
-  if not unstack_layers:
-    layer_params = None
-  elif layer_params is None:
-    layer_params = model.unstacked_layers(jnp.float32)
+  layer_params = weights.layer_params
   static = dict(strategy=strategy, max_new=max_new_tokens, d_max=d_max, greedy=greedy, eos_ids=tuple(eos_ids),
-                static_exit=None if unstack_layers or strategy == 'autoregressive' else exit_layer)
+                static_exit=None if weights.runtime_exit or strategy == 'autoregressive' else exit_layer)
 
   begin = time.perf_counter()
   state = prefill(graphdef, params, layer_params, jnp.asarray(tokens), jnp.asarray(lengths), exit_layer, sampling,

@@ -41,9 +41,8 @@ interpret=True)`, `splash_attention(..., interpret=True)`), which is how tests/t
 against the dense reference, forward and gradients. Not run on accelerators by that file: cuDNN (it has no CPU
 interpretation), Triton compilation of the GPU kernel, Mosaic compilation of splash.
 
-CPU speed ('blockwise' fwd+bwd, B=16, H=4, K=2, D=64, 2 cores): as fast as the dense path when T <= block, and
-faster beyond (T=2048: ~1.4 s at block 128 against ~8 s dense). Smaller tiles are faster on a CPU (the
-[B, H, block_q, block_k] scores stay in cache): blocks of 64-128 beat 512 by 2-3x at these shapes.
+On a CPU 'blockwise' is as fast as the dense path when T <= block and faster beyond; smaller tiles are faster
+there (the [B, H, block_q, block_k] scores stay in cache). The timings are in docs/results/measurements.md.
 """
 
 from __future__ import annotations

@@ -23,14 +23,6 @@ from layerskip_jax.model.model_config import ModelConfig
 from layerskip_jax.model.rope import apply_rope
 from layerskip_jax.sharding import ACT_BTD, ACT_BTF, ACT_BTHE, ACT_BTKE, constrain
 
-# model.remat_policy -> what the backward pass keeps from each layer's forward pass (None: keep everything).
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'save_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj', 'attn_out', 'mlp_out'),
-}
-
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], config: ModelConfig,
           init: str = 'normal') -> nnx.Param:

@@ -1,20 +1,38 @@
-"""The model's static description: a frozen, hashable dataclass built from the `model` section of a config."""
+"""The model's static description: a frozen, hashable dataclass built from the `model` section of a config.
+
+It is also that section's schema: each field's allowed values sit beside it (config.choice / config.bounded), and
+config.validate reads them from here. What each key means is documented in configs/base.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
+
+from layerskip_jax.config import DTYPES, bounded, choice, section_kwargs
+from layerskip_jax.model.attention import IMPLS as ATTENTION_IMPLS
+
+ROPE_TYPES = ('default', 'linear', 'llama3')
+
+# model.remat_policy: name -> the jax.checkpoint policy each layer is rematerialised with (None: no remat).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj', 'attn_out', 'mlp_out'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  rope_type: str = 'default'  # 'default' (none), 'linear' or 'llama3'
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+  rope_type: str = choice('default', ROPE_TYPES)  # 'default' (none), 'linear' or 'llama3'
+  factor: float = bounded(8.0, low=1.0)
+  low_freq_factor: float = bounded(1.0, low=0.0, low_excluded=True)
+  high_freq_factor: float = bounded(4.0, low=0.0, low_excluded=True)
+  original_max_position_embeddings: int = bounded(8192, low=1)
 
 
 # Fields that change how the model computes or is initialised, not which function it computes: a checkpoint may be
@@ -26,25 +44,25 @@ NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'attention_impl', 'at
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Field names are Hugging Face Llama's; see configs/base.py for what each means."""
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_hidden_layers: int
-  num_attention_heads: int
-  num_key_value_heads: int
-  head_dim: int = 0
-  rope_theta: float = 10000.0
+  vocab_size: int = bounded(low=1)
+  hidden_size: int = bounded(low=1)
+  intermediate_size: int = bounded(low=1)
+  num_hidden_layers: int = bounded(low=2)
+  num_attention_heads: int = bounded(low=1)
+  num_key_value_heads: int = bounded(low=1)
+  head_dim: int = bounded(0, low=0)
+  rope_theta: float = bounded(10000.0, low=0.0, low_excluded=True)
   rope_scaling: RopeScaling = RopeScaling()
-  rms_norm_eps: float = 1e-5
-  max_position_embeddings: int = 2048
+  rms_norm_eps: float = bounded(1e-5, low=0.0, low_excluded=True)
+  max_position_embeddings: int = bounded(2048, low=1)
   tie_word_embeddings: bool = False
-  initializer_range: float = 0.02
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  remat_policy: str = 'none'
-  attention_impl: str = 'auto'
-  attention_block: int = 512
-  scan_unroll: int = 1
+  initializer_range: float = bounded(0.02, low=0.0)
+  dtype: str = choice('float32', DTYPES)
+  param_dtype: str = choice('float32', DTYPES)
+  remat_policy: str = choice('none', REMAT_POLICIES)
+  attention_impl: str = choice('auto', ATTENTION_IMPLS)
+  attention_block: int = bounded(512, low=16)
+  scan_unroll: int = bounded(1, low=1)
 
   def __post_init__(self):
     if not self.head_dim:
@@ -54,8 +72,9 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model: config_dict.ConfigDict) -> 'ModelConfig':
-    """From a validated config's `model` section (layerskip_jax.config.load validates)."""
-    return cls(**model.to_dict())
+    """From a config's `model` section (layerskip_jax.config.load validates its values); a key that is not a field
+    is a one-line ConfigError naming it."""
+    return cls(**section_kwargs(model, cls, 'model'))
 
   def architecture(self) -> dict:
     """The fields that define the function (all but NUMERICS_FIELDS), head_dim resolved."""

@@ -1,13 +1,15 @@
 """The Llama decoder with one shared exit head: embedding, L stacked layers applied by a scan, g = norm + LM head.
 
 Exit E (1..L) is g(x_E), the head applied to the output of the first E layers (interfaces.md). The pieces are
-public so that the objective and the samplers compose them:
+public so that the objective and the samplers compose them; each layer runner has one job:
 
     x0 = model.embed(tokens)
-    xE, _ = model.run_layers(x0, positions, stop=E)          # layers [0, E); E may be a traced value
-    xL, _ = model.run_layers(xE, positions, start=E)         # layers [E, L), continuing from x_E
+    xE = model.run_span(x0, positions, stop=E)                # layers [0, E); E may be a traced value
+    xL = model.run_span(xE, positions, start=E)               # layers [E, L), continuing from x_E
     logits = model.head(xL)                                   # the shared exit head g
-    _, hidden = model.run_layers(x0, positions, collect=True) # hidden[l] = x_{l+1}, the output of layer l
+    xL, exits = model.run_train(x0, positions, sample_keep=M, collect_layers=c)  # training: dropout, exits
+    hidden = model.hidden_states(tokens)                      # hidden[l] = x_{l+1}, the output of layer l
+    x, k, v, ran = model.run_cached(x, positions, k, v, start=s, stop=e)         # decoding with the KV cache
 
 The layers' parameters are stacked on a leading `layers` axis (nnx.vmap at creation) and applied with
 jax.lax.scan, so compile time does not grow with depth.
@@ -16,13 +18,14 @@ jax.lax.scan, so compile time does not grow with depth.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerskip_jax.model.layers import REMAT_POLICIES, DecoderLayer, RMSNorm, param
-from layerskip_jax.model.model_config import ModelConfig
+from layerskip_jax.model.layers import DecoderLayer, RMSNorm, param
+from layerskip_jax.model.model_config import REMAT_POLICIES, ModelConfig
 from layerskip_jax.model.rope import rope_tables
 from layerskip_jax.sharding import ACT_BTD, ACT_BTV, constrain, param_shardings
 
@@ -68,56 +71,80 @@ class Transformer(nnx.Module):
       logits = jnp.dot(h, kernel.astype(dt), preferred_element_type=jnp.float32).reshape(*x.shape[:-1], -1)
     return constrain(logits, ACT_BTV) if logits.ndim == 3 else logits
 
-  def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
-                 start: int | jax.Array = 0, stop: int | jax.Array | None = None,
-                 layer_keep: jax.Array | None = None, sample_keep: jax.Array | None = None,
-                 collect: bool = False, collect_layers: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array | None]:
-    """Runs layers [start, stop) on x (the output of layer start-1, or x_0) and returns (output, hidden).
+  # --- layer runners: one per purpose ---------------------------------------------------------------------------
+  # run_span (a span of layers: exits, the model's forward), run_train (every layer under layer-dropout masks,
+  # collecting the supervised exits), hidden_states (every layer's output: evaluation), run_cached and
+  # run_cached_unstacked (decoding with the KV cache, on stacked or separately stored weights; which one a decode
+  # program uses is decided in inference/layout.py). The first three scan the stacked layers (_scanned_layer).
 
-    start/stop: Python ints scan only those layers; traced values scan all L and skip the others with lax.cond,
-      so one compiled program serves every exit.
+  def _scanned_layer(self, positions: jax.Array, segment_ids: jax.Array | None):
+    """(apply, state): apply(layer_state, x) runs one decoder layer on x under the config's remat policy; state is
+    every layer's parameters stacked on a leading axis, what the scan iterates over."""
+    c = self.config
+    graphdef, state = nnx.split(self.layers)
+    cos, sin = rope_tables(positions, c)
+
+    def apply(layer_state, x):
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids)
+
+    if c.remat_policy != 'none':
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+    return apply, state
+
+  def _span(self, start: int | jax.Array, stop: int | jax.Array | None) -> tuple[Any, Any, bool]:
+    """(start, stop, static): stop None is L; a static (Python int) range is checked here."""
+    num_layers = self.config.num_hidden_layers
+    stop = num_layers if stop is None else stop
+    static = isinstance(start, int) and isinstance(stop, int)
+    if static and not 0 <= start < stop <= num_layers:
+      raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
+    return start, stop, static
+
+  def run_span(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
+               start: int | jax.Array = 0, stop: int | jax.Array | None = None) -> jax.Array:
+    """x_stop: layers [start, stop) applied to x = x_start (the output of layer start-1, or x_0); stop None is L.
+
+    Python ints scan only those layers; traced values scan all L and skip the others with lax.cond, so one
+    compiled program serves every exit (api.logits, calibration)."""
+    apply, state = self._scanned_layer(positions, segment_ids)
+    start, stop, static = self._span(start, stop)
+    if static:
+      x, _ = jax.lax.scan(lambda x, layer_state: (apply(layer_state, x), None), x,
+                          jax.tree.map(lambda a: a[start:stop], state), unroll=self.config.scan_unroll)
+      return x
+
+    def body(x, xs):
+      layer_state, l = xs
+      return jax.lax.cond((l >= start) & (l < stop), apply, lambda _, x: x, layer_state, x), None
+
+    index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+    x, _ = jax.lax.scan(body, x, (state, index), unroll=self.config.scan_unroll)
+    return x
+
+  def run_train(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
+                layer_keep: jax.Array | None = None, sample_keep: jax.Array | None = None,
+                collect_layers: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """The training pass: all L layers on x_0 under the layer-dropout masks (objective/dropout.py); returns
+    (x_L, exits), exits the outputs of the layers the step supervises (None without collect_layers).
+
     layer_keep: bool [L]; a False layer is skipped with lax.cond (per-batch layer dropout: really saves compute).
     sample_keep: bool [L, batch]; where False the sequence passes the layer unchanged (per-sample layer dropout:
       x_{l+1} = x_l + M_l f_l(x_l) with M_l in {0, 1}, no rescaling).
-    collect: also return hidden [n, batch, seq, hidden], hidden[i] the output of the i-th layer scanned (with
-      static start=0 and stop=None, hidden[l] = x_{l+1}); otherwise hidden is None.
-    collect_layers: int [n] distinct layer indices (traced; the early exits a training step supervises): return
-      hidden [n, batch, seq, hidden] with hidden[i] the output of layer collect_layers[i] (with start=0). The
-      outputs are written into a buffer carried by the scan, so training keeps n of them, not all L: with
-      collect=True the [L, B, T, D] stack sat beside the scan's own per-layer residuals (4.3 GB per 4k sequence
-      for a 7B model in the compiled CPU program).
+    collect_layers: int [n] distinct layer indices (traced: the early exits this step supervises); exits
+      [n, batch, seq, hidden] holds in entry i the output of layer collect_layers[i]. They are written into a
+      buffer carried by the scan, so training keeps n of them, not all L: the whole [L, B, T, D] stack would sit
+      beside the scan's own per-layer residuals (docs/results/measurements.md).
     """
-    c = self.config
-    num_layers = c.num_hidden_layers
-    stop = num_layers if stop is None else stop
-    graphdef, state = nnx.split(self.layers)
-    index = jnp.arange(num_layers, dtype=jnp.int32)
-    static_range = isinstance(start, int) and isinstance(stop, int)
-    if static_range:
-      if not 0 <= start < stop <= num_layers:
-        raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
-      state, index, layer_keep, sample_keep = jax.tree.map(lambda a: a[start:stop],
-                                                           (state, index, layer_keep, sample_keep))
-    cos, sin = rope_tables(positions, c)
-
-    def apply_layer(layer_state, x):
-      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids)
-
-    policy_name = c.remat_policy
-    if policy_name != 'none':
-      apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+    apply, state = self._scanned_layer(positions, segment_ids)
+    index = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
 
     def body(carry, xs):
       x, buffer = carry
       layer_state, l, keep_layer, keep_sample = xs
-      run = None if static_range else (l >= start) & (l < stop)
-      if keep_layer is not None:
-        run = keep_layer if run is None else run & keep_layer
-      if run is None:
-        y = apply_layer(layer_state, x)
+      if keep_layer is None:
+        y = apply(layer_state, x)
       else:
-        y = jax.lax.cond(run, apply_layer, lambda _, x: x, layer_state, x)
+        y = jax.lax.cond(keep_layer, apply, lambda _, x: x, layer_state, x)
       if keep_sample is not None:
         y = jnp.where(keep_sample[:, None, None], y, x)
       if buffer is not None:  # one slot written (or rewritten with itself): no pass over the whole buffer
@@ -125,77 +152,74 @@ class Transformer(nnx.Module):
         slot = jnp.argmax(hit)
         old = jax.lax.dynamic_index_in_dim(buffer, slot, keepdims=False)
         buffer = jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(jnp.any(hit), y, old), slot, 0)
-      return (y, buffer), (y if collect else None)
+      return (y, buffer), None
 
-    buffer = None
-    if collect_layers is not None:
-      buffer = jnp.zeros((collect_layers.shape[0], *x.shape), x.dtype)
-    (x, buffer), hidden = jax.lax.scan(body, (x, buffer), (state, index, layer_keep, sample_keep),
-                                       unroll=c.scan_unroll)
-    return x, (buffer if collect_layers is not None else hidden)
+    buffer = None if collect_layers is None else jnp.zeros((collect_layers.shape[0], *x.shape), x.dtype)
+    (x, buffer), _ = jax.lax.scan(body, (x, buffer), (state, index, layer_keep, sample_keep),
+                                  unroll=self.config.scan_unroll)
+    return x, buffer
 
-  def run_layers_cached(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
-                        start: int | jax.Array = 0, stop: int | jax.Array | None = None,
-                        layer_params: tuple[nnx.State, ...] | None = None
-                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Inference: layers [start, stop) on x [B, T, D] at `positions` [B, T] with the KV cache
-    [L, B, kv_heads, S, head_dim] (see DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
+  def run_cached(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
+                 start: int = 0, stop: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Decoding on the stacked weights (GPU/TPU): layers [start, stop) on x [B, T, D] at `positions` [B, T] with
+    the KV cache [L, B, kv_heads, S, head_dim] (DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
 
-    Two layouts of the weights, two constructions:
-
-    - Stacked weights (layer_params None: the GPU/TPU path). start and stop must be Python ints (one compiled
-      program per exit there): a loop over exactly the layers [start, stop) that indexes the stack with the loop
-      counter. No conditional per layer: on a GPU XLA reads a conditional's predicate on the host (a round trip per
-      layer per token), and a branch that slices the stack may copy the layer's weights. A dynamic index of a loop
-      counter is how every scanned-layers decoder (MaxText, Levanter) reads its weights.
-    - layer_params (from `unstacked_layers()`, made once outside the compiled program: the CPU path): every layer's
-      weights as separate arrays, applied in an unrolled loop. On a CPU, XLA copies a slice of the stacked weights
-      before each matmul (static or dynamic slice alike), which doubles the bytes a decode step moves: the
-      weight-matmul chain of tiny measured 1.6-1.8 ms scanned over stacked weights against 0.8 ms with separate
-      arrays. start/stop may be traced values here (one program for every exit): layers outside [start, stop) are
-      skipped with lax.cond, and a layer's weights are read inside its branch only, so a skipped layer costs
-      nothing; with Python ints only the layers in range are emitted.
-
-    Each running layer stores its new K/V rows in place before it reads its cache slice (DecoderLayer.decode).
-    `ran` tells which layers ran.
+    start and stop are Python ints (one compiled program per exit): a loop over exactly those layers that indexes
+    the stack with the loop counter. No conditional per layer: on a GPU XLA reads a conditional's predicate on the
+    host (a round trip per layer per token), and a branch that slices the stack may copy the layer's weights. A
+    dynamic index of a loop counter is how every scanned-layers decoder (MaxText, Levanter) reads its weights.
+    Each layer stores its new K/V rows in place before it reads its cache slice.
     """
-    c = self.config
-    num_layers = c.num_hidden_layers
-    stop = num_layers if stop is None else stop
+    start, stop, static = self._span(start, stop)
+    if not static:
+      raise ValueError('run_cached (stacked weights) needs a static layer range (Python ints); '
+                       'run_cached_unstacked takes a traced exit')
     graphdef, state = nnx.split(self.layers)
-    cos, sin = rope_tables(positions, c)
-    static_range = isinstance(start, int) and isinstance(stop, int)
-    if static_range and not 0 <= start < stop <= num_layers:
-      raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
+    cos, sin = rope_tables(positions, self.config)
 
-    def apply(carry, l, weights):
-      layer = nnx.merge(graphdef, weights)
+    def body(l, carry):
+      weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False), state)
+      return nnx.merge(graphdef, weights).decode(carry[0], cos, sin, positions, carry[1], carry[2], l)
+
+    x, cache_k, cache_v = jax.lax.fori_loop(start, stop, body, (x, cache_k, cache_v), unroll=self.config.scan_unroll)
+    index = jnp.arange(self.config.num_hidden_layers)
+    return x, cache_k, cache_v, (index >= start) & (index < stop)
+
+  def run_cached_unstacked(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                           layer_params: tuple[nnx.State, ...], *, start: int | jax.Array = 0,
+                           stop: int | jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Decoding on separately stored weights (the CPU layout): as run_cached, with `layer_params` every layer's
+    weights as separate arrays (`unstacked_layers()`, made once outside the compiled program), applied in an
+    unrolled loop. On a CPU, XLA copies a slice of the stacked weights before each matmul (static or dynamic slice
+    alike), which doubles the bytes a decode step moves (docs/results/measurements.md).
+
+    start/stop may be traced values here (one program for every exit): layers outside [start, stop) are skipped
+    with lax.cond, and a layer's weights are read inside its branch only, so a skipped layer costs nothing; with
+    Python ints only the layers in range are emitted.
+    """
+    start, stop, static = self._span(start, stop)
+    graphdef = nnx.graphdef(self.layers)
+    cos, sin = rope_tables(positions, self.config)
+
+    def apply(carry, l):
+      layer = nnx.merge(graphdef, layer_params[l])
       return layer.decode(carry[0], cos, sin, positions, carry[1], carry[2], l)
 
-    carry = (x, cache_k, cache_v)
-    if layer_params is None:
-      if not static_range:
-        raise ValueError('run_layers_cached on stacked weights needs a static layer range (Python ints); pass '
-                         'layer_params (unstacked_layers()) for a traced exit')
-      take = lambda l: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False), state)
-      carry = jax.lax.fori_loop(start, stop, lambda l, carry: apply(carry, l, take(l)), carry,
-                                unroll=c.scan_unroll)
-      return (*carry, (jnp.arange(num_layers) >= start) & (jnp.arange(num_layers) < stop))
-    ran = []
-    for l in range(num_layers):
-      if static_range:
+    carry, ran = (x, cache_k, cache_v), []
+    for l in range(self.config.num_hidden_layers):
+      if static:
         if start <= l < stop:
-          carry = apply(carry, l, layer_params[l])
+          carry = apply(carry, l)
         ran.append(jnp.bool_(start <= l < stop))
         continue
       run = (l >= start) & (l < stop)
-      carry = jax.lax.cond(run, lambda carry, l=l: apply(carry, l, layer_params[l]), lambda carry: carry, carry)
+      carry = jax.lax.cond(run, lambda carry, l=l: apply(carry, l), lambda carry: carry, carry)
       ran.append(run)
     return (*carry, jnp.stack(ran))
 
   def unstacked_layers(self, dtype=None) -> tuple[nnx.State, ...]:
-    """Every layer's parameters as separate arrays (a copy, cast to `dtype` if given), for
-    run_layers_cached(layer_params=...)."""
+    """Every layer's parameters as separate arrays (a copy, cast to `dtype` if given), for run_cached_unstacked."""
     state = nnx.state(self.layers)
     copy = lambda a: jnp.array(a, dtype=dtype)
     return tuple(jax.tree.map(lambda a: copy(a[l]), state) for l in range(self.config.num_hidden_layers))
@@ -206,14 +230,20 @@ class Transformer(nnx.Module):
                *, exit_layer: int | jax.Array | None = None) -> jax.Array:
     """float32 logits [batch, seq, vocab] of exit `exit_layer` (E in 1..L; None = L, the final output)."""
     positions = default_positions(tokens) if positions is None else positions
-    x, _ = self.run_layers(self.embed(tokens), positions, segment_ids, stop=exit_layer)
-    return self.head(x)
+    return self.head(self.run_span(self.embed(tokens), positions, segment_ids, stop=exit_layer))
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, **keep) -> jax.Array:
-    """[L, batch, seq, hidden]: entry l is x_{l+1}, the output (never the input) of layer l; keep as run_layers."""
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """[L, batch, seq, hidden]: entry l is x_{l+1}, the output (never the input) of layer l; no dropout (evaluation,
+    the exit statistics)."""
     positions = default_positions(tokens) if positions is None else positions
-    _, hidden = self.run_layers(self.embed(tokens), positions, segment_ids, collect=True, **keep)
+    apply, state = self._scanned_layer(positions, segment_ids)
+
+    def body(x, layer_state):
+      y = apply(layer_state, x)
+      return y, y
+
+    _, hidden = jax.lax.scan(body, self.embed(tokens), state, unroll=self.config.scan_unroll)
     return hidden
 
 

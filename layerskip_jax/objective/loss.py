@@ -13,63 +13,19 @@ for all exits (or for a whole sequence) are never in memory at once.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from ml_collections import config_dict
+import numpy as np
 
 from layerskip_jax.model import Transformer
 from layerskip_jax.model.transformer import default_positions
 from layerskip_jax.objective.dropout import keep_masks
 from layerskip_jax.objective.keys import EXIT_TOKENS, step_key
-from layerskip_jax.objective.schedules import early_exit_weights, max_supervised_exits
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  """The `layerskip` config section plus train.steps (T) and train.seed; static (hashable) under jit."""
-  total_steps: int
-  seed: int = 0
-  p_max: float = 0.1
-  depth_schedule: str = 'exp'
-  time_schedule: str = 'constant'
-  dropout_mode: str = 'per_sample'
-  e_scale: float = 1.0
-  curriculum: str = 'rotational'
-  rotation_period: int = 4
-  exit_token_fraction: float = 1.0
-  ce_chunk_len: int = 512
-  distill_weight: float = 0.0
-  distill: str = 'soft'
-  distill_temperature: float = 1.0
-  distill_warmup: float = 0.0
-  draft_exit: int = 0
-
-  def distill_lambda(self, step) -> jax.Array | float:
-    """lambda at step t: distill_weight, ramped linearly from 0 over the first distill_warmup x total_steps steps
-    (an early teacher is noise: hard distillation from step 0 collapsed tiny, spec 1.5)."""
-    ramp = self.distill_warmup * self.total_steps
-    if ramp <= 0:
-      return self.distill_weight
-    return self.distill_weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / ramp)
-
-  @classmethod
-  def from_config(cls, config: config_dict.ConfigDict) -> 'ObjectiveConfig':
-    return cls(total_steps=config.train.steps, seed=config.train.seed, **config.layerskip.to_dict())
-
-  def num_early_exits(self, num_layers: int) -> int:
-    """The early exits a step computes (a static count: the curriculum's maximum, draft_exit included; entries of
-    zero weight are computed too). The last exit is always supervised, on its own, besides these."""
-    return max_supervised_exits(num_layers, self.total_steps, self.curriculum, self.rotation_period, self.e_scale,
-                                self.draft_exit) - 1
-
-  @property
-  def is_baseline(self) -> bool:
-    """p_max = 0 and e_scale = 0: a plain language-model step (last exit only, no masks)."""
-    return self.p_max == 0 and self.e_scale == 0
+from layerskip_jax.objective.objective_config import ObjectiveConfig
+from layerskip_jax.objective.schedules import early_exit_weights
 
 
 def _chunked(chunk_len: int, *arrays: jax.Array) -> tuple[int, tuple[jax.Array, ...]]:
@@ -208,9 +164,9 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
   weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale,
                                cfg.draft_exit)
   chosen_weights, chosen = jax.lax.top_k(weights[:-1], max(num_early, 1))  # every active early exit, then zeros
-  x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'),
-                                    layer_keep=layer_keep, sample_keep=sample_keep,
-                                    collect_layers=chosen if num_early > 0 else None)
+  x_last, hidden = model.run_train(model.embed(inputs), positions, batch.get('segment_ids'),
+                                   layer_keep=layer_keep, sample_keep=sample_keep,
+                                   collect_layers=chosen if num_early > 0 else None)
 
   tokens = jnp.sum(mask)
   denominator = jnp.maximum(tokens, 1.0)
@@ -257,7 +213,8 @@ def exit_statistics(model: Transformer, batch: dict[str, jax.Array], chunk_len: 
   positions = batch.get('positions')
   positions = default_positions(inputs) if positions is None else positions
   mask = batch['loss_mask'].astype(jnp.float32)
-  x_last, hidden = model.run_layers(model.embed(inputs), positions, batch.get('segment_ids'), collect=True)
+  hidden = model.hidden_states(inputs, positions, batch.get('segment_ids'))  # [L, B, T, D]
+  x_last = hidden[-1]
   final = greedy_over_chunks(model, x_last, chunk_len)
 
   def per_exit(_, h):
@@ -270,3 +227,12 @@ def exit_statistics(model: Transformer, batch: dict[str, jax.Array], chunk_len: 
 
   _, (ce, correct, agree) = jax.lax.scan(per_exit, None, hidden)
   return {'ce': ce, 'correct': correct, 'agree_final': agree, 'tokens': jnp.sum(mask)}
+
+
+def summarize_exits(totals: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Per-exit means (arrays of length L) from exit_statistics summed over batches (on the host)."""
+  tokens = max(float(totals['tokens']), 1.0)
+  exit_ce = np.asarray(totals['ce']) / tokens
+  return {'exit_ce': exit_ce, 'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
+          'exit_accuracy': np.asarray(totals['correct']) / tokens,
+          'exit_agreement': np.asarray(totals['agree_final']) / tokens, 'tokens': float(totals['tokens'])}

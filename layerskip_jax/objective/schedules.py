@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerskip_jax.config import CURRICULA, DEPTH_SCHEDULES, TIME_SCHEDULES
+DEPTH_SCHEDULES = ('exp', 'uniform', 'linear', 'log', 'sin', 'sigmoid')  # layerskip.depth_schedule: D(l)
+TIME_SCHEDULES = ('constant', 'exp')  # layerskip.time_schedule: S(t)
+CURRICULA = ('rotational', 'gradual', 'none')  # layerskip.curriculum: which exits are supervised
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -5,6 +5,7 @@ plain step, a Hugging Face torch Llama of the same shape trained in the same run
     python -m layerskip_jax.train.bench --what memory --memory_config llama_1_5b --memory_seq_len 2048
     python -m layerskip_jax.train.bench --what flops --memory_config llama_1_5b --memory_seq_len 4096
     python -m layerskip_jax.train.bench --what loop --json loop.json [--config.data.cache_dir=...]
+    python -m layerskip_jax.train.bench --what input [--config.data.cache_dir=...]
 
 peak: the machine's float32 matmul throughput, measured here (the MFU denominator of this report).
 speed: full train steps (forward, backward, AdamW) of the `--config` model (tiny: the 6.3M reference shape, hidden
@@ -26,6 +27,10 @@ had finished, i.e. how often that work stalled the device. Also its wall time pe
 the first row) and tokens/s, against the compiled step alone, timed back to back on one device-resident batch
 just before and after each run. On a CPU the "device" shares the cores with the host, so work moved off the
 critical path still competes for them, and a shared machine's load makes wall times vary 20-30%.
+input: the input pipeline against the train step, in one run: the loader's tokens/s on the config's data (one
+process reading every row; data.bench's loader_rate, `--input_batches` batches) and the compiled step's tokens/s on a
+batch of that data (`--steps` steps after a first), and their ratio: above 1 the loader keeps the step fed.
+`python -m layerskip_jax.data.bench` measures the loader alone: per simulated process, at another preset's shape.
 
 Every step is compiled by `state.compile_steps`, the trainer's one compile path (on a one-device mesh here, except
 the loop's, which uses the trainer's own mesh).
@@ -49,14 +54,15 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.train.step import compiled_train_step, synthetic_batch
 
 flags.DEFINE_string('config', 'tiny', 'config (file or preset) of the speed benchmark')
-WHAT = ('speed', 'torch', 'memory', 'flops', 'loop')
-flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of speed, torch, memory, flops, loop')
+WHAT = ('speed', 'torch', 'memory', 'flops', 'loop', 'input')
+flags.DEFINE_list('what', ['speed', 'torch', 'memory'], 'any of ' + ', '.join(WHAT))
 flags.DEFINE_integer('steps', 16, 'timed steps per setting (after 2 warm-up steps)')
 flags.DEFINE_list('speed_settings', None, 'speed: the settings to time (default all); baseline is always timed')
 flags.DEFINE_string('memory_config', 'llama_1_5b', 'config of the memory and flops benchmarks (compiled, never run)')
 flags.DEFINE_integer('memory_seq_len', 2048, 'sequence length of the memory and flops benchmarks')
 flags.DEFINE_integer('memory_batch', 1, 'batch of the memory and flops benchmarks')
 flags.DEFINE_integer('loop_steps', 40, 'loop: train steps per loop setting (rows after the first are timed)')
+flags.DEFINE_integer('input_batches', 100, 'input: global batches the loader reads (after a first)')
 flags.DEFINE_string('json', None, 'write the results here')
 
 SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come from --config)
@@ -205,7 +211,7 @@ def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = F
   gradient, is counted once. So a setting's step costs plain + n x (its count - the plain count); the layer-dropout
   masks, also in that difference, are counted n times over (a few elementwise FLOPs per layer and sample).
   `overrides` (k=v) apply to config_name before each setting's own."""
-  from layerskip_jax.objective.loss import ObjectiveConfig
+  from layerskip_jax.objective.objective_config import ObjectiveConfig
   results = {}
   for name in dict.fromkeys(['baseline', *names]):
     applied = [*overrides, *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items()),
@@ -296,12 +302,37 @@ def loop(config_name: str, steps: int, overrides: list[str]) -> dict:
           'settings': results}
 
 
+def input_pipeline(config_name: str, steps: int, batches: int, overrides: list[str] = ()) -> dict:
+  """The loader's tokens/s (every row, one process) and the compiled train step's, on the config's own data."""
+  from layerskip_jax.data import loader
+  from layerskip_jax.data.throughput import loader_rate
+  from layerskip_jax.data.cache import ensure_prepared
+  config = config_lib.load(config_name, overrides)
+  b, t = config.train.batch_size, config.train.seq_len
+  prepared = ensure_prepared(config)
+  loader_tps = loader_rate(prepared.train, t, b, loader.Rows.all(b), batches, config.train.seed,
+                           config.data.num_workers)
+  compiled, state = compiled_train_step(config, b, t, concrete=True)
+  iterator = iter(loader.dataset(prepared.train, t, b, seed=config.train.seed))
+  batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
+  iterator.close()
+  times = []
+  for i in range(steps + 1):
+    begin = time.perf_counter()
+    state, metrics = compiled(state, batch, jnp.int32(i))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - begin)
+  step_tps = b * t / float(np.median(times[1:]))
+  return {'config': config_name, 'batch': b, 'seq_len': t, 'loader_tokens_per_sec': loader_tps,
+          'train_step_tokens_per_sec': step_tps, 'loader_over_train': loader_tps / step_tps}
+
+
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
   unknown = [w for w in f.what if w not in WHAT]
   if unknown or not f.what:
     raise UsageError(f'--what={",".join(f.what)}: expected any of {", ".join(WHAT)}')
-  for name in ('steps', 'memory_seq_len', 'memory_batch', 'loop_steps'):
+  for name in ('steps', 'memory_seq_len', 'memory_batch', 'loop_steps', 'input_batches'):
     if f[name].value < 1:
       raise UsageError(f'--{name}={f[name].value}: must be at least 1')
   unknown = [s for s in f.speed_settings or () if s not in SPEED_SETTINGS]
@@ -357,6 +388,11 @@ def main(args: cli.Args) -> None:
       print(f'  {name:24s} host {s["host_ms"]:5.1f} ms/step, device waited before {s["idle_dispatches"]:3d} of '
             f'{s["steps"]} steps; loop {s["loop_ms"]:7.1f} ms/step {s["tokens_per_sec"]:6.0f} tok/s, step alone '
             f'{" / ".join(f"{v:.1f}" for v in s["compiled_step_ms"])} ms')
+  if 'input' in f.what:
+    report['input'] = r = input_pipeline(f.config, f.steps, f.input_batches, args.config_overrides)
+    print(f'input pipeline on {f.config} ({r["batch"]} x {r["seq_len"]} tokens): loader '
+          f'{r["loader_tokens_per_sec"]:,.0f} tokens/s, train step {r["train_step_tokens_per_sec"]:,.0f} tokens/s: '
+          f'the loader delivers {r["loader_over_train"]:,.1f}x what the step consumes')
   if json_path:
     outputs.write_text(json_path, json.dumps(report, indent=2))
     print(f'wrote {f.json}')

@@ -47,6 +47,7 @@ from layerskip_jax.data.cache import PreparedData, ensure_prepared
 from layerskip_jax.errors import UsageError
 from layerskip_jax.model import ModelConfig
 from layerskip_jax.model.model_config import NUMERICS_FIELDS
+from layerskip_jax.objective.loss import summarize_exits
 from layerskip_jax.train.checkpointing import Checkpointer
 from layerskip_jax.train.metrics import MetricsWriter, train_flops_per_token
 from layerskip_jax.train.optimizer import learning_rate_schedule
@@ -452,15 +453,6 @@ class _Loop:
     row = self.metrics_writer.write({'split': 'heldout', 'step': self.step, **summarize_exits(totals)})
     if run.is_main:
       self.progress.write(_eval_line(row))
-
-
-def summarize_exits(totals: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Per-exit means (lists of length L) from summed exit_statistics."""
-  tokens = max(float(totals['tokens']), 1.0)
-  exit_ce = np.asarray(totals['ce']) / tokens
-  return {'exit_ce': exit_ce, 'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
-          'exit_accuracy': np.asarray(totals['correct']) / tokens,
-          'exit_agreement': np.asarray(totals['agree_final']) / tokens, 'tokens': float(totals['tokens'])}
 
 
 def _eval_line(row: dict) -> str:
