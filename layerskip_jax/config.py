@@ -48,8 +48,8 @@ def bounded(default: Any = dataclasses.MISSING, *, low: float, high: float | Non
 def section_schemas() -> dict[str, type]:
   """Config section -> the dataclass that describes it. Imported when called: those modules import this one (for
   choice and bounded), and a config is validated long after both are loaded."""
-  from layerskip_jax.model.model_config import ModelConfig, RopeScaling  # noqa: PLC0415 (the schema, see above)
-  from layerskip_jax.objective.objective_config import ObjectiveConfig  # noqa: PLC0415
+  from layerskip_jax.model.model_config import ModelConfig, RopeScaling  # the schema, see above
+  from layerskip_jax.objective.objective_config import ObjectiveConfig
   return {'model': ModelConfig, 'model.rope_scaling': RopeScaling, 'layerskip': ObjectiveConfig}
 
 

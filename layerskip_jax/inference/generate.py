@@ -17,8 +17,8 @@ from layerskip_jax.data.tokenizer import Tokenizer
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference.cache import cache_length, check_length
 from layerskip_jax.inference.decode import STRATEGIES, Drafting, Sampling, decode_loop, prefill
-from layerskip_jax.inference.layout import (DecodeWeights, cpu_decode_model, decode_weights,  # noqa: F401 (API)
-                                            uses_unstacked_layers)
+from layerskip_jax.inference.layout import DecodeWeights, decode_weights, uses_unstacked_layers
+from layerskip_jax.inference.layout import cpu_decode_model as cpu_decode_model  # re-exported: the public API
 from layerskip_jax.inference.sampling import check_parameters
 from layerskip_jax.model import ModelConfig, Transformer
 
