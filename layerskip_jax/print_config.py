@@ -1,6 +1,8 @@
 """Validates a config and prints it resolved, with the model's parameter count (no memory is allocated).
 
     python -m layerskip_jax.print_config --config configs/llama3_8b.py [--config.section.key=value ...]
+
+A bad config is one line naming the key, with exit status 2.
 """
 
 from absl import flags

@@ -71,6 +71,8 @@ class ChunkIndex:
       index = ChunkIndex(files, seq_len)   # builds missing per-shard indexes once
       len(index)                           # chunks of the corpus
       index.locate(c)                      # (global record number, first pair, number of pairs)
+
+  Only the per-shard arrays' pages that are read become resident: memory does not grow with the corpus.
   """
 
   def __init__(self, files: list[str], seq_len: int):
