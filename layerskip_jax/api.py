@@ -65,8 +65,9 @@ class LoadedModel:
       raise UsageError(f'exit_layer={exit_layer}: must be in 1..{self.num_layers} (E counts the layers run)')
     return exit_layer
 
-  def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array,
-             exit_layer: int | None = None) -> np.ndarray:
+  def logits(
+    self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array, exit_layer: int | None = None
+  ) -> np.ndarray:
     """float32 logits [batch, seq, vocab] of exit `exit_layer` (1..L; None = the final output).
 
     One compiled program serves every exit (exit_layer is a traced value).
@@ -85,10 +86,21 @@ class LoadedModel:
     graphdef, state = nnx.split(self.model)
     return np.asarray(_logits(graphdef, state, jnp.asarray(tokens), jnp.int32(self._exit(exit_layer))))
 
-  def generate(self, prompts, *, strategy: str = 'autoregressive', exit_layer: int | str | None = None,
-               num_speculations: int | str = 4, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, calibration_log: Callable[[str], None] | None = None,
-               **options) -> GenerateResult:
+  def generate(
+    self,
+    prompts,
+    *,
+    strategy: str = 'autoregressive',
+    exit_layer: int | str | None = None,
+    num_speculations: int | str = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    calibration_log: Callable[[str], None] | None = None,
+    **options,
+  ) -> GenerateResult:
     """Generates for a list of strings (needs the tokenizer) or of token-id lists (ragged): see
     layerskip_jax.inference.generate. Returns .tokens, .text (with a tokenizer) and .stats.
 
@@ -101,9 +113,19 @@ class LoadedModel:
       if isinstance(value, str) and value != 'auto':
         raise UsageError(f'{name}={value!r}: must be an integer or \'auto\'')
     if exit_layer == 'auto' or num_speculations == 'auto':
-      return self._generate_auto(prompts, strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed, log=calibration_log, **options)
+      return self._generate_auto(
+        prompts,
+        strategy=strategy,
+        exit_layer=exit_layer,
+        num_speculations=num_speculations,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        log=calibration_log,
+        **options,
+      )
     model = self.model
     unstack = options.get('unstack_layers')
     if (uses_unstacked_layers() if unstack is None else unstack) and options.get('layer_params') is None:
@@ -111,47 +133,99 @@ class LoadedModel:
         self._unstacked = decode_weights(self.model, unstack=True)
       model = self._unstacked.model
       options['layer_params'] = self._unstacked.layer_params
-    return generate(model, prompts, tokenizer=self.tokenizer, strategy=strategy, exit_layer=exit_layer,
-                    num_speculations=num_speculations, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, seed=seed, **options)
+    return generate(
+      model,
+      prompts,
+      tokenizer=self.tokenizer,
+      strategy=strategy,
+      exit_layer=exit_layer,
+      num_speculations=num_speculations,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      seed=seed,
+      **options,
+    )
 
-  def _generate_auto(self, prompts, *, strategy: str, exit_layer: int | str | None, num_speculations: int | str,
-                     max_new_tokens: int, log, **request) -> GenerateResult:
+  def _generate_auto(
+    self,
+    prompts,
+    *,
+    strategy: str,
+    exit_layer: int | str | None,
+    num_speculations: int | str,
+    max_new_tokens: int,
+    log,
+    **request,
+  ) -> GenerateResult:
     """generate() with E and/or d chosen by calibrate.choose on the request's own prompts (greedy calibration,
     min(max_new_tokens, 32) tokens, the request's batch), then the request run with the choice."""
     auto = 'exit_layer' if exit_layer == 'auto' else 'num_speculations'
     if strategy != 'self_speculative':
-      raise UsageError(f'{auto}=auto: chooses E and d for strategy=\'self_speculative\', not {strategy!r}; give an '
-                       'integer (or use self_speculative)')
+      raise UsageError(
+        f'{auto}=auto: chooses E and d for strategy=\'self_speculative\', not {strategy!r}; give an '
+        'integer (or use self_speculative)'
+      )
     calibrate.check_auto(self.num_layers, auto)
     # The request's other values are checked first (with stand-ins for the auto ones): a bad top_p fails at once.
-    stand_in = dict(exit_layer=1 if exit_layer == 'auto' else exit_layer,
-                    num_speculations=1 if num_speculations == 'auto' else num_speculations)
+    stand_in = dict(
+      exit_layer=1 if exit_layer == 'auto' else exit_layer,
+      num_speculations=1 if num_speculations == 'auto' else num_speculations,
+    )
     if request.get('max_speculations') is not None:
-      raise UsageError(f'max_speculations={request["max_speculations"]!r}: a d bucket is for a given d, not for '
-                       f'{auto}=auto (which runs each d it tries in its own program); leave it out')
-    check_request(self.model.config, strategy=strategy, **stand_in, temperature=request['temperature'],
-                  top_k=request['top_k'], top_p=request['top_p'],
-                  confidence_threshold=request.get('confidence_threshold', 0.0))
+      raise UsageError(
+        f'max_speculations={request["max_speculations"]!r}: a d bucket is for a given d, not for '
+        f'{auto}=auto (which runs each d it tries in its own program); leave it out'
+      )
+    check_request(
+      self.model.config,
+      strategy=strategy,
+      **stand_in,
+      temperature=request['temperature'],
+      top_k=request['top_k'],
+      top_p=request['top_p'],
+      confidence_threshold=request.get('confidence_threshold', 0.0),
+    )
     rows = encode_prompts(prompts, self.tokenizer)
     config = self.model.config
     width = max(map(len, rows))
     check_length(config, width, max_new_tokens, stand_in['num_speculations'])
     if max_new_tokens < 2:
-      raise UsageError(f'max_new_tokens={max_new_tokens}: {auto}=auto calibrates on at least 2 new tokens; give an '
-                       f'integer {auto} for fewer')
-    speculations = [num_speculations] if num_speculations != 'auto' else [
-        d for d in calibrate.DEFAULT_SPECULATIONS
-        if cache_length(width, max_new_tokens, d) <= config.max_position_embeddings]
-    choice = calibrate.choose(self, rows, max_new_tokens=min(max_new_tokens, 32),
-                              exit_layers=None if exit_layer == 'auto' else [exit_layer],
-                              num_speculations=speculations, batch_size=len(rows), log=log)
+      raise UsageError(
+        f'max_new_tokens={max_new_tokens}: {auto}=auto calibrates on at least 2 new tokens; give an '
+        f'integer {auto} for fewer'
+      )
+    speculations = (
+      [num_speculations]
+      if num_speculations != 'auto'
+      else [
+        d
+        for d in calibrate.DEFAULT_SPECULATIONS
+        if cache_length(width, max_new_tokens, d) <= config.max_position_embeddings
+      ]
+    )
+    choice = calibrate.choose(
+      self,
+      rows,
+      max_new_tokens=min(max_new_tokens, 32),
+      exit_layers=None if exit_layer == 'auto' else [exit_layer],
+      num_speculations=speculations,
+      batch_size=len(rows),
+      log=log,
+    )
     if choice.confidence_threshold:
       request['confidence_threshold'] = choice.confidence_threshold
     if choice.adapt_threshold:
       request['adapt_threshold'] = True
-    result = self.generate(rows, strategy=strategy, exit_layer=choice.exit_layer,
-                           num_speculations=choice.num_speculations, max_new_tokens=max_new_tokens, **request)
+    result = self.generate(
+      rows,
+      strategy=strategy,
+      exit_layer=choice.exit_layer,
+      num_speculations=choice.num_speculations,
+      max_new_tokens=max_new_tokens,
+      **request,
+    )
     result.stats['auto'] = choice.as_stats()
     return result
 
@@ -170,13 +244,15 @@ def check_token_ids(where: str, ids: Sequence[int], vocab_size: int) -> None:
   """Raises UsageError `where: ...` naming the first id outside the model's vocabulary [0, vocab_size)."""
   bad = next((t for t in ids if not 0 <= t < vocab_size), None)
   if bad is not None:
-    raise UsageError(f'{where}: token id {bad} is outside the model\'s vocabulary (0..{vocab_size - 1}); give ids in '
-                     'that range')
+    raise UsageError(
+      f'{where}: token id {bad} is outside the model\'s vocabulary (0..{vocab_size - 1}); give ids in that range'
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
   """A resolved checkpoint directory, its config and its tokenizer; the weights not read yet."""
+
   checkpoint: checkpoint_dir.CheckpointDir
   config: config_dict.ConfigDict
   tokenizer: tokenizer_lib.Tokenizer | None
@@ -204,14 +280,16 @@ class CheckpointInfo:
     ids = token_ids(prompt)
     if ids is None:
       if self.tokenizer is None:
-        raise UsageError(f'{flag}={prompt!r}: {self.named} has no tokenizer, so the prompt must be space-separated '
-                         'token ids')
+        raise UsageError(
+          f'{flag}={prompt!r}: {self.named} has no tokenizer, so the prompt must be space-separated token ids'
+        )
       ids = self.tokenizer.encode(prompt, add_bos=True)
     check_token_ids(f'{flag}={prompt!r}', ids, self.config.model.vocab_size)
     positions = self.config.model.max_position_embeddings
     if len(ids) > positions:
-      raise UsageError(f'{flag}: {len(ids)} tokens, more than model.max_position_embeddings={positions} of '
-                       f'{self.named}; shorten it')
+      raise UsageError(
+        f'{flag}: {len(ids)} tokens, more than model.max_position_embeddings={positions} of {self.named}; shorten it'
+      )
     return ids
 
   def load(self, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:

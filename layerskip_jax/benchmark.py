@@ -64,15 +64,20 @@ def _jsonl_prompt(where: str, line: str) -> str | list[int]:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
-    raise UsageError(f'{where}: not JSON ({e.msg}, column {e.colno}); each line of a .jsonl prompt file is an object '
-                     f'like {_JSONL_EXAMPLE}') from None
+    raise UsageError(
+      f'{where}: not JSON ({e.msg}, column {e.colno}); each line of a .jsonl prompt file is an object '
+      f'like {_JSONL_EXAMPLE}'
+    ) from None
   if not isinstance(record, dict):
-    raise UsageError(f'{where}: {describe_json(record)}, not an object; each line of a .jsonl prompt file is an object '
-                     f'like {_JSONL_EXAMPLE}')
+    raise UsageError(
+      f'{where}: {describe_json(record)}, not an object; each line of a .jsonl prompt file is an object '
+      f'like {_JSONL_EXAMPLE}'
+    )
   if 'prompt' not in record:
     fields = ', '.join(sorted(record)) or 'none'
-    raise UsageError(f'{where}: the record has no "prompt" field (its fields: {fields}); add one: text or a list of '
-                     'token ids')
+    raise UsageError(
+      f'{where}: the record has no "prompt" field (its fields: {fields}); add one: text or a list of token ids'
+    )
   prompt = record['prompt']
   if isinstance(prompt, str):
     if not prompt.strip():
@@ -108,8 +113,9 @@ def read_prompts(path: str, tokenizer, vocab_size: int | None = None, *, flag: s
     try:
       line = raw.decode('utf-8-sig' if number == 1 else 'utf-8')  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
-      raise UsageError(f'{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the '
-                       'file as UTF-8') from None
+      raise UsageError(
+        f'{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8'
+      ) from None
     if not line.strip():
       continue
     prompt = _jsonl_prompt(where, line) if str(path).endswith('.jsonl') else api.token_ids(line) or line
@@ -125,8 +131,9 @@ def read_prompts(path: str, tokenizer, vocab_size: int | None = None, *, flag: s
   return prompts
 
 
-def source_prompts(lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, count: int,
-                   length: int) -> list[list[int]]:
+def source_prompts(
+  lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, count: int, length: int
+) -> list[list[int]]:
   """`count` prompts of `length` tokens from the source's documents, one per document: alternately a document's
   first tokens and a window starting at the middle of a document (needs only the tokenizer: an api.CheckpointInfo
   will do). A document too short for a middle window (under about 2 x `length` tokens) gives its first tokens
@@ -142,14 +149,16 @@ def source_prompts(lm: api.LoadedModel | api.CheckpointInfo, source: str, split:
       continue
     middle = len(ids) // 2
     if middles < len(prompts) - middles and len(ids) - middle >= length:  # a middle window's turn, and room for it
-      prompts.append(ids[middle:middle + length])
+      prompts.append(ids[middle : middle + length])
       middles += 1
     else:
       prompts.append(ids[:length])
     if len(prompts) == count:
       return prompts
-  raise UsageError(f'--source={source}: fewer than {count} documents of {length} tokens in its {split!r} split; '
-                   'lower --num_prompts or --prompt_len')
+  raise UsageError(
+    f'--source={source}: fewer than {count} documents of {length} tokens in its {split!r} split; '
+    'lower --num_prompts or --prompt_len'
+  )
 
 
 def parse_integers(flag: str, values: Sequence[str]) -> list[int]:
@@ -159,8 +168,9 @@ def parse_integers(flag: str, values: Sequence[str]) -> list[int]:
     try:
       result.append(int(value.strip()))
     except ValueError:
-      raise UsageError(f'{flag}={",".join(values)}: {value!r} is not an integer; give comma-separated integers, '
-                       'e.g. 2,4,6') from None
+      raise UsageError(
+        f'{flag}={",".join(values)}: {value!r} is not an integer; give comma-separated integers, e.g. 2,4,6'
+      ) from None
   return result
 
 
@@ -180,8 +190,10 @@ def parse_thresholds(flag: str, values: Sequence[str]) -> list[float | str]:
     try:
       result.append(float(text))
     except ValueError:
-      raise UsageError(f'{flag}={",".join(values)}: {value!r} is neither a number nor {ADAPT!r}; give comma-separated '
-                       f'probabilities in [0, 1] or {ADAPT}, {_THRESHOLDS_EXAMPLE}') from None
+      raise UsageError(
+        f'{flag}={",".join(values)}: {value!r} is neither a number nor {ADAPT!r}; give comma-separated '
+        f'probabilities in [0, 1] or {ADAPT}, {_THRESHOLDS_EXAMPLE}'
+      ) from None
   return result
 
 
@@ -194,13 +206,26 @@ def _threshold_text(threshold: float | str | None) -> str:
   return f'{threshold:g}' if threshold else 'off'
 
 
-def check_sweep(num_layers: int, *, strategies: Sequence[str], exit_layers: Sequence[int],
-                num_speculations: Sequence[int], batch_sizes: Sequence[int], max_new_tokens: int, repeats: int,
-                num_prompts: int | None = None, d_bucket: int = 0, confidence_thresholds: Sequence = (),
-                auto: bool = False, calibration_prompts: int = 4, prefix: str = '') -> None:
+def check_sweep(
+  num_layers: int,
+  *,
+  strategies: Sequence[str],
+  exit_layers: Sequence[int],
+  num_speculations: Sequence[int],
+  batch_sizes: Sequence[int],
+  max_new_tokens: int,
+  repeats: int,
+  num_prompts: int | None = None,
+  d_bucket: int = 0,
+  confidence_thresholds: Sequence = (),
+  auto: bool = False,
+  calibration_prompts: int = 4,
+  prefix: str = '',
+) -> None:
   """Every value of a sweep, before any work: UsageError naming the one value that is wrong and what is allowed.
   `prefix` goes before the names ('--': the command's flags; '' for run_benchmark's arguments). A value the sweep
   does not use (--d_bucket without self_speculative, --calibration_prompts without --auto) is not checked."""
+
   def values(name: str, items: Sequence) -> str:
     return f'{prefix}{name}={",".join(map(str, items))}'
 
@@ -208,16 +233,28 @@ def check_sweep(num_layers: int, *, strategies: Sequence[str], exit_layers: Sequ
     raise UsageError(f'{prefix}strategies: empty; give one or more of {", ".join(STRATEGIES)}')
   for s in strategies:
     if s not in STRATEGIES:
-      raise UsageError(f'{values("strategies", strategies)}: {s!r} is not a strategy; choose from '
-                       f'{", ".join(STRATEGIES)}')
+      raise UsageError(
+        f'{values("strategies", strategies)}: {s!r} is not a strategy; choose from {", ".join(STRATEGIES)}'
+      )
   uses_e = {'early_exit', 'self_speculative'} & set(strategies)
   speculative = 'self_speculative' in strategies
   for name, items, low, high, meaning in (
-      ('exit_layers', exit_layers, 1, num_layers - 1,
-       f'E counts the layers run; the model has {num_layers}, and E = {num_layers} would be the whole model'),
-      ('num_speculations', num_speculations, 1, None, 'd is the drafts per self-speculative round'),
-      ('batch_sizes', batch_sizes, 1, num_prompts,
-       f'there are {num_prompts} prompts' if num_prompts is not None else 'rows per batch')):
+    (
+      'exit_layers',
+      exit_layers,
+      1,
+      num_layers - 1,
+      f'E counts the layers run; the model has {num_layers}, and E = {num_layers} would be the whole model',
+    ),
+    ('num_speculations', num_speculations, 1, None, 'd is the drafts per self-speculative round'),
+    (
+      'batch_sizes',
+      batch_sizes,
+      1,
+      num_prompts,
+      f'there are {num_prompts} prompts' if num_prompts is not None else 'rows per batch',
+    ),
+  ):
     needed = {'exit_layers': uses_e, 'num_speculations': speculative, 'batch_sizes': True}[name]
     if not needed:  # e.g. the default --exit_layers with --strategies=autoregressive: not used, not checked
       continue
@@ -232,8 +269,10 @@ def check_sweep(num_layers: int, *, strategies: Sequence[str], exit_layers: Sequ
   if max_new_tokens < 1:
     raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: must be at least 1')
   if max_new_tokens == 1:
-    raise UsageError(f'{prefix}max_new_tokens=1: the first new token comes from the prefill, so nothing would be '
-                     'decoded and timed; give at least 2')
+    raise UsageError(
+      f'{prefix}max_new_tokens=1: the first new token comes from the prefill, so nothing would be '
+      'decoded and timed; give at least 2'
+    )
   if repeats < 1:
     raise UsageError(f'{prefix}repeats={repeats}: must be at least 1 (timed runs per setting)')
   if speculative:
@@ -245,21 +284,27 @@ def check_sweep(num_layers: int, *, strategies: Sequence[str], exit_layers: Sequ
       if t == ADAPT:
         continue
       if isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise UsageError(f'{values("confidence_thresholds", confidence_thresholds)}: {t!r} is neither a number nor '
-                         f'{ADAPT!r}; give probabilities in [0, 1] or {ADAPT}, {_THRESHOLDS_EXAMPLE}')
+        raise UsageError(
+          f'{values("confidence_thresholds", confidence_thresholds)}: {t!r} is neither a number nor '
+          f'{ADAPT!r}; give probabilities in [0, 1] or {ADAPT}, {_THRESHOLDS_EXAMPLE}'
+        )
       if not 0 <= t <= 1:  # NaN too
-        raise UsageError(f'{values("confidence_thresholds", confidence_thresholds)}: {t} is out of range: must be in '
-                         f'[0, 1] (a row stops drafting when the early exit\'s top probability is below it) or {ADAPT}')
+        raise UsageError(
+          f'{values("confidence_thresholds", confidence_thresholds)}: {t} is out of range: must be in '
+          f'[0, 1] (a row stops drafting when the early exit\'s top probability is below it) or {ADAPT}'
+        )
     for t in confidence_thresholds:
       if list(confidence_thresholds).count(t) > 1:
-        raise UsageError(f'{values("confidence_thresholds", confidence_thresholds)}: {t} is given twice; give '
-                         'each value once')
+        raise UsageError(
+          f'{values("confidence_thresholds", confidence_thresholds)}: {t} is given twice; give each value once'
+        )
   if auto:
     if calibration_prompts < 1:
       raise UsageError(f'{prefix}calibration_prompts={calibration_prompts}: must be at least 1')
     if num_prompts is not None and calibration_prompts > num_prompts:
-      raise UsageError(f'{prefix}calibration_prompts={calibration_prompts}: more than the {num_prompts} prompts; '
-                       f'give 1..{num_prompts}')
+      raise UsageError(
+        f'{prefix}calibration_prompts={calibration_prompts}: more than the {num_prompts} prompts; give 1..{num_prompts}'
+      )
 
 
 def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
@@ -269,10 +314,18 @@ def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
   model = lm.decode_model
   config, dtype = model.config, model.config.weight_dtype
   layers = nnx.to_pure_dict(nnx.state(model.layers))
-  names = [('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('self_attn', 'v_proj'), ('self_attn', 'o_proj'),
-           ('mlp', 'gate_proj'), ('mlp', 'up_proj'), ('mlp', 'down_proj')]
-  weights = [[jnp.asarray(np.asarray(layers[a][b])[l], dtype) for a, b in names]
-             for l in range(config.num_hidden_layers)]
+  names = [
+    ('self_attn', 'q_proj'),
+    ('self_attn', 'k_proj'),
+    ('self_attn', 'v_proj'),
+    ('self_attn', 'o_proj'),
+    ('mlp', 'gate_proj'),
+    ('mlp', 'up_proj'),
+    ('mlp', 'down_proj'),
+  ]
+  weights = [
+    [jnp.asarray(np.asarray(layers[a][b])[l], dtype) for a, b in names] for l in range(config.num_hidden_layers)
+  ]
   head = model.embed_tokens[...].T if config.tie_word_embeddings else model.lm_head[...]
   head = jnp.asarray(np.asarray(head), dtype)
 
@@ -282,7 +335,7 @@ def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
       dt = q.dtype
       x = x.astype(dt)
       kv = x @ k + x @ v  # attention itself is left out; its inputs and output projection are not
-      h = x + (x @ q).at[:, :kv.shape[1]].add(kv) @ o
+      h = x + (x @ q).at[:, : kv.shape[1]].add(kv) @ o
       x = h + (jax.nn.silu(h @ g) * (h @ u)) @ d
     return x @ head
 
@@ -299,6 +352,7 @@ def weight_matmul_floor(lm: api.LoadedModel, repeats: int = 200) -> float:
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One row of the benchmark: a strategy at a batch size, with E, d and the drafting threshold where they apply."""
+
   strategy: str
   batch_size: int
   exit_layer: int | None = None
@@ -322,8 +376,13 @@ class Setting:
     return kw
 
 
-def plan_settings(strategies: Sequence[str], exit_layers: Sequence[int], num_speculations: Sequence[int],
-                  batch_size: int, confidence_thresholds: Sequence = ()) -> list[Setting]:
+def plan_settings(
+  strategies: Sequence[str],
+  exit_layers: Sequence[int],
+  num_speculations: Sequence[int],
+  batch_size: int,
+  confidence_thresholds: Sequence = (),
+) -> list[Setting]:
   """The settings of one batch size in report order: autoregressive (always: it is every speed-up's reference),
   early exit per E, self-speculative per (E, d), then per (threshold, E, d). A threshold of 0 is the plain rows."""
   plan = [Setting('autoregressive', batch_size)]
@@ -338,8 +397,16 @@ def plan_settings(strategies: Sequence[str], exit_layers: Sequence[int], num_spe
 def _run_once(lm, batches: list, kw: dict) -> dict[str, Any]:
   """One pass of a setting over every batch: per batch decode seconds and new tokens (the first token of each row
   comes from the prefill, so it is not a decoded one), mean prefill seconds, drafts, per-row acceptance, tokens."""
-  run: dict[str, Any] = {'decode_seconds': [], 'new_tokens': [], 'prefill_seconds': 0.0, 'drafted': 0, 'accepted': 0,
-                         'rounds': 0, 'row_acceptance': [], 'tokens': []}
+  run: dict[str, Any] = {
+    'decode_seconds': [],
+    'new_tokens': [],
+    'prefill_seconds': 0.0,
+    'drafted': 0,
+    'accepted': 0,
+    'rounds': 0,
+    'row_acceptance': [],
+    'tokens': [],
+  }
   for batch in batches:
     r = lm.generate(batch, **kw)
     run['decode_seconds'].append(r.stats['decode_seconds'])
@@ -381,8 +448,9 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
 
-def speedup_interval(reference: dict, run: dict, *, resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> list[float]:
+def speedup_interval(
+  reference: dict, run: dict, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> list[float]:
   """95% bootstrap interval of `run`'s speed-up over `reference` (two runs over the same batches): batches are
   resampled with replacement, the same resamples for both (and, by the fixed seed, for every setting), and a
   resample's speed-up is reference ms/token over the run's, each its decode seconds over its new tokens summed over
@@ -392,7 +460,8 @@ def speedup_interval(reference: dict, run: dict, *, resamples: int = BOOTSTRAP_R
   run_s, run_n = np.asarray(run['decode_seconds'], float), np.asarray(run['new_tokens'], float)
   index = np.random.default_rng(seed).integers(0, len(run_s), (resamples, len(run_s)))
   ratios = (ref_s[index].sum(1) / np.maximum(ref_n[index].sum(1), 1)) / (
-      run_s[index].sum(1) / np.maximum(run_n[index].sum(1), 1))
+    run_s[index].sum(1) / np.maximum(run_n[index].sum(1), 1)
+  )
   point = (ref_s.sum() / max(ref_n.sum(), 1)) / (run_s.sum() / max(run_n.sum(), 1))
   low, high = np.percentile(ratios, [2.5, 97.5])
   return [float(min(low, point)), float(max(high, point))]
@@ -412,8 +481,9 @@ def programs_compiled() -> int | None:
     return None
 
 
-def hf_reference(lm: api.LoadedModel, prompts: list[list[int]], max_new: int, exit_layers: list[int],
-                 repeats: int) -> dict[str, Any] | None:
+def hf_reference(
+  lm: api.LoadedModel, prompts: list[list[int]], max_new: int, exit_layers: list[int], repeats: int
+) -> dict[str, Any] | None:
   """transformers' greedy generate and assistant_early_exit=E on the same weights (batch 1), or None."""
   try:
     import torch
@@ -421,6 +491,7 @@ def hf_reference(lm: api.LoadedModel, prompts: list[list[int]], max_new: int, ex
   except ImportError:
     return None
   from layerskip_jax.convert import export_hf
+
   with tempfile.TemporaryDirectory() as tmp:
     export_hf(lm.checkpoint.step_dir, pathlib.Path(tmp) / 'hf')
     model = transformers.LlamaForCausalLM.from_pretrained(pathlib.Path(tmp) / 'hf').eval()
@@ -431,8 +502,7 @@ def hf_reference(lm: api.LoadedModel, prompts: list[list[int]], max_new: int, ex
       start, total = time.perf_counter(), 0
       with torch.no_grad():
         for p in prompts:
-          out = model.generate(torch.tensor([p]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                               **kw)
+          out = model.generate(torch.tensor([p]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, **kw)
           total += out.shape[1] - len(p)
       times.append((time.perf_counter() - start) / total)
     t = float(np.median(times[1:]))
@@ -463,25 +533,37 @@ def add_efficiency(settings: list[dict]) -> None:
     ar = rows.get(('autoregressive', s['batch_size'], None))
     ee = rows.get(('early_exit', s['batch_size'], s['exit_layer']))
     if s['strategy'] == 'self_speculative' and ar and ee and s['acceptance_rate'] is not None:
-      counts = ({k: s[k] for k in ('rounds', 'drafted', 'accepted')} if s.get('rounds') else
-                dict(rounds=1, drafted=s['num_speculations'], accepted=s['acceptance_rate'] * s['num_speculations']))
+      counts = (
+        {k: s[k] for k in ('rounds', 'drafted', 'accepted')}
+        if s.get('rounds')
+        else dict(rounds=1, drafted=s['num_speculations'], accepted=s['acceptance_rate'] * s['num_speculations'])
+      )
       s['modelled_ms_per_token'] = modelled_ms_per_token(ar['ms_per_token'], ee['ms_per_token'], **counts)
       s['efficiency'] = s['modelled_ms_per_token'] / s['ms_per_token']
 
 
 def best_setting(settings: list[dict], batch: int) -> dict | None:
   """The self-speculative setting of `batch` with the highest measured speed-up (of the sweep: not --auto's)."""
-  candidates = [s for s in settings if s['strategy'] == 'self_speculative' and s['batch_size'] == batch
-                and not s.get('auto')]
+  candidates = [
+    s for s in settings if s['strategy'] == 'self_speculative' and s['batch_size'] == batch and not s.get('auto')
+  ]
   return max(candidates, key=lambda s: s['speedup']) if candidates else None
 
 
 def _plot(path: str, settings: list[dict], batch: int) -> None:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  spec = [s for s in settings if s['strategy'] == 'self_speculative' and s['batch_size'] == batch
-          and not s.get('auto') and not s.get('confidence_threshold')]  # the (E, d) grid: one row per cell
+
+  spec = [
+    s
+    for s in settings
+    if s['strategy'] == 'self_speculative'
+    and s['batch_size'] == batch
+    and not s.get('auto')
+    and not s.get('confidence_threshold')
+  ]  # the (E, d) grid: one row per cell
   es, ds = sorted({s['exit_layer'] for s in spec}), sorted({s['num_speculations'] for s in spec})
   grid = np.full((len(es), len(ds)), np.nan)
   for s in spec:
@@ -493,8 +575,11 @@ def _plot(path: str, settings: list[dict], batch: int) -> None:
       ax.text(j, i, f'{grid[i, j]:.2f}x', ha='center', va='center', color='w')
   ax.set_xticks(range(len(ds)), ds)
   ax.set_yticks(range(len(es)), es)
-  ax.set(xlabel='d (drafts per round)', ylabel='E (draft layers)',
-         title=f'self-speculative speed-up over autoregressive, batch {batch}')
+  ax.set(
+    xlabel='d (drafts per round)',
+    ylabel='E (draft layers)',
+    title=f'self-speculative speed-up over autoregressive, batch {batch}',
+  )
   fig.colorbar(im)
   fig.tight_layout()
   outputs.save_figure(fig, path, dpi=120)
@@ -504,38 +589,66 @@ def _choice_fields(choice) -> dict[str, Any]:
   """calibrate.Choice's fields for the JSON: all of a dataclass's, else the ones its contract names."""
   if dataclasses.is_dataclass(choice):
     return dataclasses.asdict(choice)
-  return {name: getattr(choice, name, None) for name in ('exit_layer', 'num_speculations', 'confidence_threshold',
-                                                         'predicted_ms_per_token', 'reason', 'table')}
+  return {
+    name: getattr(choice, name, None)
+    for name in ('exit_layer', 'num_speculations', 'confidence_threshold', 'predicted_ms_per_token', 'reason', 'table')
+  }
 
 
-def run_benchmark(lm: api.LoadedModel, prompts: list[list[int]], *, strategies, exit_layers, num_speculations,
-                  batch_sizes, max_new_tokens, repeats, d_bucket: int = 0, confidence_thresholds: Sequence = (),
-                  auto: bool = False, calibration_prompts: int = 4) -> dict[str, Any]:
+def run_benchmark(
+  lm: api.LoadedModel,
+  prompts: list[list[int]],
+  *,
+  strategies,
+  exit_layers,
+  num_speculations,
+  batch_sizes,
+  max_new_tokens,
+  repeats,
+  d_bucket: int = 0,
+  confidence_thresholds: Sequence = (),
+  auto: bool = False,
+  calibration_prompts: int = 4,
+) -> dict[str, Any]:
   """The sweep (see the module docstring): {'settings': rows, 'best': per batch size, 'programs_compiled', ...,
   'auto': per batch size (with `auto`)}. Batches are consecutive prompts; a last partial batch is left out."""
-  check_sweep(lm.num_layers, strategies=strategies, exit_layers=exit_layers, num_speculations=num_speculations,
-              batch_sizes=batch_sizes, max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=len(prompts),
-              d_bucket=d_bucket, confidence_thresholds=confidence_thresholds, auto=auto,
-              calibration_prompts=calibration_prompts)
+  check_sweep(
+    lm.num_layers,
+    strategies=strategies,
+    exit_layers=exit_layers,
+    num_speculations=num_speculations,
+    batch_sizes=batch_sizes,
+    max_new_tokens=max_new_tokens,
+    repeats=repeats,
+    num_prompts=len(prompts),
+    d_bucket=d_bucket,
+    confidence_thresholds=confidence_thresholds,
+    auto=auto,
+    calibration_prompts=calibration_prompts,
+  )
   thresholds = list(confidence_thresholds) if 'self_speculative' in strategies else []
   before = programs_compiled()
-  batches = {b: [prompts[i:i + b] for i in range(0, len(prompts) - b + 1, b)] for b in batch_sizes}
+  batches = {b: [prompts[i : i + b] for i in range(0, len(prompts) - b + 1, b)] for b in batch_sizes}
   plan = [s for b in batch_sizes for s in plan_settings(strategies, exit_layers, num_speculations, b, thresholds)]
   choices, calibration_programs = {}, None
   if auto:
     # Imported only with --auto: the benchmark runs without that module.
     from layerskip_jax.inference import calibrate
+
     for b in batch_sizes:
       # at least one batch of b prompts (the calibration runs the batch size it chooses for)
-      choice = choices[b] = calibrate.choose(lm, prompts=prompts[:max(calibration_prompts, b)],
-                                             max_new_tokens=max_new_tokens, batch_size=b)
+      choice = choices[b] = calibrate.choose(
+        lm, prompts=prompts[: max(calibration_prompts, b)], max_new_tokens=max_new_tokens, batch_size=b
+      )
       threshold = 'adapt' if getattr(choice, 'adapt_threshold', False) else float(choice.confidence_threshold or 0.0)
-      plan.append(Setting('self_speculative', b, int(choice.exit_layer), int(choice.num_speculations), threshold,
-                          auto=True))
+      plan.append(
+        Setting('self_speculative', b, int(choice.exit_layer), int(choice.num_speculations), threshold, auto=True)
+      )
     after = programs_compiled()
     calibration_programs = after - before if after is not None and before is not None else None
-  runs = time_settings(lm, [(s, batches[s.batch_size], s.generate_kwargs(max_new_tokens, d_bucket)) for s in plan],
-                       repeats)
+  runs = time_settings(
+    lm, [(s, batches[s.batch_size], s.generate_kwargs(max_new_tokens, d_bucket)) for s in plan], repeats
+  )
   after = programs_compiled()
 
   settings = []
@@ -544,36 +657,52 @@ def run_benchmark(lm: api.LoadedModel, prompts: list[list[int]], *, strategies, 
       continue  # timed as the reference of the speed-ups, not reported
     run, ar = median_run(runs[setting]), median_run(runs[Setting('autoregressive', setting.batch_size)])
     speculative = setting.strategy == 'self_speculative'
-    settings.append({
-        'strategy': setting.strategy, 'batch_size': setting.batch_size, 'exit_layer': setting.exit_layer,
-        'num_speculations': setting.num_speculations, 'confidence_threshold': setting.confidence_threshold,
-        'auto': setting.auto, 'ms_per_token': run['ms_per_token'],
+    settings.append(
+      {
+        'strategy': setting.strategy,
+        'batch_size': setting.batch_size,
+        'exit_layer': setting.exit_layer,
+        'num_speculations': setting.num_speculations,
+        'confidence_threshold': setting.confidence_threshold,
+        'auto': setting.auto,
+        'ms_per_token': run['ms_per_token'],
         'tokens_per_sec': 1e3 / run['ms_per_token'] if run['ms_per_token'] else None,
         'prefill_ms': 1e3 * run['prefill_seconds'],
         'acceptance_rate': run['accepted'] / run['drafted'] if run['drafted'] else None,
-        'rounds': run['rounds'], 'drafted': run['drafted'], 'accepted': run['accepted'],
+        'rounds': run['rounds'],
+        'drafted': run['drafted'],
+        'accepted': run['accepted'],
         'acceptance_quartiles': acceptance_quartiles(run) if speculative else None,
-        'speedup': ar['ms_per_token'] / run['ms_per_token'], 'speedup_interval': speedup_interval(ar, run),
+        'speedup': ar['ms_per_token'] / run['ms_per_token'],
+        'speedup_interval': speedup_interval(ar, run),
         'agreement': float(np.mean([a == b for a, b in zip(run['tokens'], ar['tokens'])])),
-        'ms_per_token_repeats': [r['ms_per_token'] for r in runs[setting]]})
+        'ms_per_token_repeats': [r['ms_per_token'] for r in runs[setting]],
+      }
+    )
   add_efficiency(settings)
   report: dict[str, Any] = {
-      'settings': settings, 'best': {str(b): best_setting(settings, b) for b in batch_sizes},
-      'programs_compiled': after - before if after is not None and before is not None else None,
-      'd_bucket': d_bucket, 'confidence_thresholds': thresholds}
+    'settings': settings,
+    'best': {str(b): best_setting(settings, b) for b in batch_sizes},
+    'programs_compiled': after - before if after is not None and before is not None else None,
+    'd_bucket': d_bucket,
+    'confidence_thresholds': thresholds,
+  }
   if auto:
     report['auto'] = {}
     for b, choice in choices.items():
       row = next(s for s in settings if s['auto'] and s['batch_size'] == b)
       best = report['best'][str(b)]
       report['auto'][str(b)] = {
-          **_choice_fields(choice), 'speedup': row['speedup'], 'speedup_interval': row['speedup_interval'],
-          'best_speedup': best['speedup'] if best else None,
-          'best_exit_layer': best['exit_layer'] if best else None,
-          'best_num_speculations': best['num_speculations'] if best else None,
-          'best_confidence_threshold': best['confidence_threshold'] if best else None,
-          'ratio_to_best': row['speedup'] / best['speedup'] if best else None,
-          'programs_compiled_by_calibration': calibration_programs}
+        **_choice_fields(choice),
+        'speedup': row['speedup'],
+        'speedup_interval': row['speedup_interval'],
+        'best_speedup': best['speedup'] if best else None,
+        'best_exit_layer': best['exit_layer'] if best else None,
+        'best_num_speculations': best['num_speculations'] if best else None,
+        'best_confidence_threshold': best['confidence_threshold'] if best else None,
+        'ratio_to_best': row['speedup'] / best['speedup'] if best else None,
+        'programs_compiled_by_calibration': calibration_programs,
+      }
   return report
 
 
@@ -584,22 +713,28 @@ def _interval_text(interval: list[float] | None) -> str:
 def print_table(report: dict[str, Any]) -> None:
   """The settings as a table, one line each (thresh: the drafting threshold; accept q1/q2/q3: quartiles over the
   prompts; the bootstrap interval of the speed-up), then what the columns mean."""
-  print(f'{"strategy":>17} {"B":>2} {"E":>2} {"d":>2} {"thresh":>6} {"ms/token":>8} {"prefill ms":>10} {"accept":>6} '
-        f'{"accept q1/q2/q3":>15} {"speed-up":>8} {"95% interval":>12} {"agree":>5} {"modelled":>8} {"effic.":>6}')
+  print(
+    f'{"strategy":>17} {"B":>2} {"E":>2} {"d":>2} {"thresh":>6} {"ms/token":>8} {"prefill ms":>10} {"accept":>6} '
+    f'{"accept q1/q2/q3":>15} {"speed-up":>8} {"95% interval":>12} {"agree":>5} {"modelled":>8} {"effic.":>6}'
+  )
   for s in report['settings']:
     accept = f'{s["acceptance_rate"]:.2f}' if s['acceptance_rate'] is not None else '-'
     quartiles = '/'.join(f'{q:.2f}' for q in s['acceptance_quartiles']) if s['acceptance_quartiles'] else '-'
     modelled = f'{s["modelled_ms_per_token"]:.3f}' if s['modelled_ms_per_token'] is not None else '-'
     efficiency = f'{s["efficiency"]:.2f}' if s['efficiency'] is not None else '-'
     strategy = 'self_spec. (auto)' if s.get('auto') else s['strategy']
-    print(f'{strategy:>17} {s["batch_size"]:>2} {s["exit_layer"] or "-":>2} {s["num_speculations"] or "-":>2} '
-          f'{_threshold_text(s.get("confidence_threshold")):>6} {s["ms_per_token"]:>8.3f} {s["prefill_ms"]:>10.1f} '
-          f'{accept:>6} {quartiles:>15} {s["speedup"]:>7.2f}x {_interval_text(s["speedup_interval"]):>12} '
-          f'{s["agreement"]:>5.2f} {modelled:>8} {efficiency:>6}')
-  print('speed-up: median of interleaved rounds; 95% interval: bootstrap over the prompts (1000 resamples); accept '
-        'q1/q2/q3:\nquartiles of the per-prompt acceptance; modelled: ms/token a round of d drafts should cost, '
-        '(d + 1) EE(E) + AR - EE(E)\nper 1 + accepted tokens (spec 2.4); effic.: modelled / measured (1.0 = no '
-        'overhead)')
+    print(
+      f'{strategy:>17} {s["batch_size"]:>2} {s["exit_layer"] or "-":>2} {s["num_speculations"] or "-":>2} '
+      f'{_threshold_text(s.get("confidence_threshold")):>6} {s["ms_per_token"]:>8.3f} {s["prefill_ms"]:>10.1f} '
+      f'{accept:>6} {quartiles:>15} {s["speedup"]:>7.2f}x {_interval_text(s["speedup_interval"]):>12} '
+      f'{s["agreement"]:>5.2f} {modelled:>8} {efficiency:>6}'
+    )
+  print(
+    'speed-up: median of interleaved rounds; 95% interval: bootstrap over the prompts (1000 resamples); accept '
+    'q1/q2/q3:\nquartiles of the per-prompt acceptance; modelled: ms/token a round of d drafts should cost, '
+    '(d + 1) EE(E) + AR - EE(E)\nper 1 + accepted tokens (spec 2.4); effic.: modelled / measured (1.0 = no '
+    'overhead)'
+  )
 
 
 def _json_value(value: Any) -> Any:
@@ -623,55 +758,92 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
   json_path = outputs.check_file('--json', f.json, inputs=inputs)
   plot_path = outputs.check_plot('--plot', f.plot, inputs=inputs, others={'--json': f.json})
   strategies = [s.strip() for s in f.strategies]
-  exit_layers, speculations, batch_sizes = (parse_integers(flag, values) for flag, values in (
-      ('--exit_layers', f.exit_layers), ('--num_speculations', f.num_speculations),
-      ('--batch_sizes', f.batch_sizes)))
+  exit_layers, speculations, batch_sizes = (
+    parse_integers(flag, values)
+    for flag, values in (
+      ('--exit_layers', f.exit_layers),
+      ('--num_speculations', f.num_speculations),
+      ('--batch_sizes', f.batch_sizes),
+    )
+  )
   thresholds = parse_thresholds('--confidence_thresholds', f.confidence_thresholds)
   if plot_path and 'self_speculative' not in strategies:
-    raise UsageError(f'--plot={f.plot}: draws the self-speculative speed-up over (E, d); add self_speculative to '
-                     '--strategies, or leave out --plot')
+    raise UsageError(
+      f'--plot={f.plot}: draws the self-speculative speed-up over (E, d); add self_speculative to '
+      '--strategies, or leave out --plot'
+    )
   for name, value in (('--num_prompts', f.num_prompts), ('--prompt_len', f.prompt_len)):
     if value < 1:
       raise UsageError(f'{name}={value}: must be at least 1')
-  sweep = dict(strategies=strategies, exit_layers=exit_layers, num_speculations=speculations,
-               batch_sizes=batch_sizes, max_new_tokens=f.max_new_tokens, repeats=f.repeats, d_bucket=f.d_bucket,
-               confidence_thresholds=thresholds, auto=f.auto, calibration_prompts=f.calibration_prompts)
+  sweep = dict(
+    strategies=strategies,
+    exit_layers=exit_layers,
+    num_speculations=speculations,
+    batch_sizes=batch_sizes,
+    max_new_tokens=f.max_new_tokens,
+    repeats=f.repeats,
+    d_bucket=f.d_bucket,
+    confidence_thresholds=thresholds,
+    auto=f.auto,
+    calibration_prompts=f.calibration_prompts,
+  )
   check_sweep(info.num_layers, **sweep, prefix='--')
-  prompts = (read_prompts(f.prompts, info.tokenizer, info.config.model.vocab_size) if f.prompts
-             else source_prompts(info, f.source, f.split, f.num_prompts, f.prompt_len))
+  prompts = (
+    read_prompts(f.prompts, info.tokenizer, info.config.model.vocab_size)
+    if f.prompts
+    else source_prompts(info, f.source, f.split, f.num_prompts, f.prompt_len)
+  )
   check_sweep(info.num_layers, **sweep, num_prompts=len(prompts), prefix='--')
   d_max = max(f.d_bucket, *speculations) if 'self_speculative' in strategies else 0
   check_length(info.model_config, max(map(len, prompts)), f.max_new_tokens, d_max, prefix='--')
   lm = info.load()
-  report = {'ckpt': str(lm.checkpoint.root), 'backend': jax.default_backend(), 'num_layers': lm.num_layers,
-            'num_prompts': len(prompts), 'max_new_tokens': f.max_new_tokens, 'repeats': f.repeats,
-            'date': time.strftime('%Y-%m-%d')}
+  report = {
+    'ckpt': str(lm.checkpoint.root),
+    'backend': jax.default_backend(),
+    'num_layers': lm.num_layers,
+    'num_prompts': len(prompts),
+    'max_new_tokens': f.max_new_tokens,
+    'repeats': f.repeats,
+    'date': time.strftime('%Y-%m-%d'),
+  }
   report.update(run_benchmark(lm, prompts, **sweep))
   report['floor_ms_per_token'] = 1e3 * weight_matmul_floor(lm)
   print_table(report)
   compiled = report['programs_compiled']
   bucket = f'--d_bucket={f.d_bucket}: one for every d' if f.d_bucket else '--d_bucket=0: one per d'
-  print(f'programs compiled (prefill and decode loop): {compiled if compiled is not None else "unknown"} ({bucket}, '
-        'strategy, batch size and prompt width)')
+  print(
+    f'programs compiled (prefill and decode loop): {compiled if compiled is not None else "unknown"} ({bucket}, '
+    'strategy, batch size and prompt width)'
+  )
   ar1 = next((s for s in report['settings'] if s['strategy'] == 'autoregressive' and s['batch_size'] == 1), None)
   if ar1:
     report['autoregressive_over_floor'] = ar1['ms_per_token'] / report['floor_ms_per_token']
-    print(f'floor (weight-matmul chain, one token): {report["floor_ms_per_token"]:.3f} ms; autoregressive at batch 1 '
-          f'is {report["autoregressive_over_floor"]:.2f}x it')
+    print(
+      f'floor (weight-matmul chain, one token): {report["floor_ms_per_token"]:.3f} ms; autoregressive at batch 1 '
+      f'is {report["autoregressive_over_floor"]:.2f}x it'
+    )
   for b, best in report['best'].items():
     if best:
-      print(f'best at batch {b}: E={best["exit_layer"]} d={best["num_speculations"]}: {best["speedup"]:.2f}x '
-            f'autoregressive {_interval_text(best["speedup_interval"])}, agreement {best["agreement"]:.2f}'
-            + (f', threshold {_threshold_text(best["confidence_threshold"])}' if best['confidence_threshold'] else ''))
+      print(
+        f'best at batch {b}: E={best["exit_layer"]} d={best["num_speculations"]}: {best["speedup"]:.2f}x '
+        f'autoregressive {_interval_text(best["speedup_interval"])}, agreement {best["agreement"]:.2f}'
+        + (f', threshold {_threshold_text(best["confidence_threshold"])}' if best['confidence_threshold'] else '')
+      )
   for b, auto in report.get('auto', {}).items():
     threshold = _threshold_text(ADAPT if auto.get('adapt_threshold') else auto['confidence_threshold'] or 0.0)
     best_threshold = auto['best_confidence_threshold']
-    best = (f'best of the sweep {auto["best_speedup"]:.2f}x (E={auto["best_exit_layer"]} '
-            f'd={auto["best_num_speculations"]}' + (f' threshold {_threshold_text(best_threshold)}' if best_threshold
-                                                     else '') + f'): {auto["ratio_to_best"]:.2f} of it'
-            if auto['best_speedup'] else 'no self-speculative sweep to compare with')
-    print(f'auto at batch {b}: E={auto["exit_layer"]} d={auto["num_speculations"]} (threshold {threshold}): '
-          f'{auto["speedup"]:.2f}x, {best}; why: {auto["reason"]}')
+    best = (
+      f'best of the sweep {auto["best_speedup"]:.2f}x (E={auto["best_exit_layer"]} '
+      f'd={auto["best_num_speculations"]}'
+      + (f' threshold {_threshold_text(best_threshold)}' if best_threshold else '')
+      + f'): {auto["ratio_to_best"]:.2f} of it'
+      if auto['best_speedup']
+      else 'no self-speculative sweep to compare with'
+    )
+    print(
+      f'auto at batch {b}: E={auto["exit_layer"]} d={auto["num_speculations"]} (threshold {threshold}): '
+      f'{auto["speedup"]:.2f}x, {best}; why: {auto["reason"]}'
+    )
   if f.hf:
     report['hf'] = hf_reference(lm, prompts, f.max_new_tokens, exit_layers, f.repeats)
     if report['hf'] is None:
@@ -692,32 +864,58 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   define them on their own FlagValues)."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string('ckpt', None, 'checkpoint directory', **fv)
-  flags.DEFINE_string('prompts', None, 'prompt file: one prompt per line (a line of integers = token ids), or JSONL '
-                      'with a "prompt" field (string or list of ids)', **fv)
-  flags.DEFINE_string('source', None, 'take prompts from the documents of this source instead (e.g. python_stdlib)',
-                      **fv)
+  flags.DEFINE_string(
+    'prompts',
+    None,
+    'prompt file: one prompt per line (a line of integers = token ids), or JSONL '
+    'with a "prompt" field (string or list of ids)',
+    **fv,
+  )
+  flags.DEFINE_string(
+    'source', None, 'take prompts from the documents of this source instead (e.g. python_stdlib)', **fv
+  )
   flags.DEFINE_string('split', 'heldout', 'split of --source', **fv)
-  flags.DEFINE_integer('num_prompts', 16, 'prompts taken from --source (alternately a document start and a window '
-                       'from the middle of a document)', **fv)
+  flags.DEFINE_integer(
+    'num_prompts',
+    16,
+    'prompts taken from --source (alternately a document start and a window from the middle of a document)',
+    **fv,
+  )
   flags.DEFINE_integer('prompt_len', 64, 'tokens per prompt taken from --source', **fv)
   flags.DEFINE_list('strategies', list(STRATEGIES), 'strategies to run', **fv)
   flags.DEFINE_list('exit_layers', ['2', '4', '6'], 'E values (early exit and self-speculative)', **fv)
   flags.DEFINE_list('num_speculations', ['2', '4', '6'], 'd values (self-speculative)', **fv)
-  flags.DEFINE_list('confidence_thresholds', [], 'also run every self-speculative (E, d) with drafting stopped per '
-                    'row below each of these early-exit top probabilities (0..1), or adapt (adapted online)', **fv)
-  flags.DEFINE_integer('d_bucket', 0, '0: each d its own compiled program (d + 1 verify rows); N: every d verifies '
-                       'N + 1 rows in one shared program (N >= the largest --num_speculations)', **fv)
-  flags.DEFINE_bool('auto', False, 'also time the (E, d, threshold) that layerskip_jax.inference.calibrate chooses, '
-                    'against the best of the sweep', **fv)
+  flags.DEFINE_list(
+    'confidence_thresholds',
+    [],
+    'also run every self-speculative (E, d) with drafting stopped per '
+    'row below each of these early-exit top probabilities (0..1), or adapt (adapted online)',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'd_bucket',
+    0,
+    '0: each d its own compiled program (d + 1 verify rows); N: every d verifies '
+    'N + 1 rows in one shared program (N >= the largest --num_speculations)',
+    **fv,
+  )
+  flags.DEFINE_bool(
+    'auto',
+    False,
+    'also time the (E, d, threshold) that layerskip_jax.inference.calibrate chooses, against the best of the sweep',
+    **fv,
+  )
   flags.DEFINE_integer('calibration_prompts', 4, 'with --auto: calibrate on the first N prompts', **fv)
   flags.DEFINE_list('batch_sizes', ['1'], 'batch sizes', **fv)
   flags.DEFINE_integer('max_new_tokens', 64, 'tokens generated per prompt', **fv)
   flags.DEFINE_integer('repeats', 3, 'timed rounds; each runs every setting once (the median is reported)', **fv)
-  flags.DEFINE_bool('hf', False, 'also time transformers generate (plain and assistant_early_exit) on the same '
-                    'weights', **fv)
+  flags.DEFINE_bool(
+    'hf', False, 'also time transformers generate (plain and assistant_early_exit) on the same weights', **fv
+  )
   flags.DEFINE_string('json', None, 'write the results here', **fv)
-  flags.DEFINE_string('plot', None, 'draw the speed-up heatmap over (E, d) at the first batch size into this PNG '
-                      '(or .pdf, .svg)', **fv)
+  flags.DEFINE_string(
+    'plot', None, 'draw the speed-up heatmap over (E, d) at the first batch size into this PNG (or .pdf, .svg)', **fv
+  )
 
 
 if __name__ == '__main__':

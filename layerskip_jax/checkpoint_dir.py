@@ -38,8 +38,14 @@ STATE_ITEM, DATA_ITER_ITEM, META_ITEM = 'state', 'data_iter', 'meta'  # Orbax it
 CHECKPOINTS_SUBDIR = 'checkpoints'
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json')
 # What else a checkpoint directory may hold: tokenizer side files, and a training run's metrics and TensorBoard events.
-RUN_FILES = (*TOKENIZER_FILES, 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json',
-             'metrics.jsonl', 'tb')
+RUN_FILES = (
+  *TOKENIZER_FILES,
+  'tokenizer_config.json',
+  'generation_config.json',
+  'special_tokens_map.json',
+  'metrics.jsonl',
+  'tb',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +106,10 @@ def resolve(path: str | pathlib.Path, flag: str = '--ckpt') -> CheckpointDir:
   if not root.is_dir():
     raise UsageError(f'{flag}={path}: no such directory')
   if not (root / CONFIG_FILE_NAME).is_file():
-    raise UsageError(f'{flag}={path}: not a layerskip_jax checkpoint directory (no {CONFIG_FILE_NAME} in {root}); '
-                     'give a training workdir or a directory written by `convert import_hf`')
+    raise UsageError(
+      f'{flag}={path}: not a layerskip_jax checkpoint directory (no {CONFIG_FILE_NAME} in {root}); '
+      'give a training workdir or a directory written by `convert import_hf`'
+    )
   available = steps(root)
   if step is None:
     if not available:
@@ -128,13 +136,23 @@ def _storage_status(e: BaseException | None) -> str | None:
 
 
 def _meta(step: int, **extra: Any) -> dict[str, Any]:
-  return {'step': step, 'versions': {'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__,
-                                     'flax': flax.__version__}, **extra}
+  return {
+    'step': step,
+    'versions': {'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__},
+    **extra,
+  }
 
 
-def write_params_dir(out: str | pathlib.Path, config: config_dict.ConfigDict, params: dict[str, Any], *,
-                     overwrite: bool = False, extra_files: dict[str, Callable[[pathlib.Path], None]] | None = None,
-                     meta: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> pathlib.Path:
+def write_params_dir(
+  out: str | pathlib.Path,
+  config: config_dict.ConfigDict,
+  params: dict[str, Any],
+  *,
+  overwrite: bool = False,
+  extra_files: dict[str, Callable[[pathlib.Path], None]] | None = None,
+  meta: dict[str, Any] | None = None,
+  inputs: dict[str, Any] | None = None,
+) -> pathlib.Path:
   """Writes a parameters-only checkpoint directory: config, step 0 holding {'params': params}, extra files.
 
   `params` is the model's pure parameter dict (nnx.to_pure_dict of its Param state), numpy or jax arrays.
@@ -148,13 +166,23 @@ def write_params_dir(out: str | pathlib.Path, config: config_dict.ConfigDict, pa
     # Orbax deep-copies numpy arrays before writing them, and compression holds every compressed chunk until the
     # commit: each is another copy of the model (and float weights barely compress). Neither is needed here.
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.ArrayHandler()))
-    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
-                META_ITEM: ocp.JsonCheckpointHandler()}
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handlers = {
+      STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
+      META_ITEM: ocp.JsonCheckpointHandler(),
+    }
     with ocp.CheckpointManager(tmp / CHECKPOINTS_SUBDIR, item_handlers=handlers) as manager:
-      manager.save(0, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave({'params': params}),
-                                                 META_ITEM: ocp.args.JsonSave(_meta(0, **(meta or {})))}))
+      manager.save(
+        0,
+        args=ocp.args.Composite(
+          **{
+            STATE_ITEM: ocp.args.PyTreeSave({'params': params}),
+            META_ITEM: ocp.args.JsonSave(_meta(0, **(meta or {}))),
+          }
+        ),
+      )
       manager.wait_until_finished()
   return pathlib.Path(out)
 
@@ -167,8 +195,9 @@ def abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh | None = 
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def restore_params(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, *, host: bool = False,
-                   flag: str = '--ckpt') -> tuple[config_dict.ConfigDict, dict[str, Any], CheckpointDir]:
+def restore_params(
+  path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, *, host: bool = False, flag: str = '--ckpt'
+) -> tuple[config_dict.ConfigDict, dict[str, Any], CheckpointDir]:
   """(config, pure parameter dict, resolved directory) from a checkpoint directory.
 
   Parameters land on `mesh` (default: device 0), or in host numpy arrays with `host=True` (for export: no device
@@ -187,18 +216,29 @@ def restore_params(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = No
   handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)}
   try:
     with ocp.CheckpointManager(ckpt.root / CHECKPOINTS_SUBDIR, item_handlers=handlers) as manager:
-      restored = manager.restore(ckpt.step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
-          item={'params': target}, restore_args={'params': restore_args}, partial_restore=True)}))
+      restored = manager.restore(
+        ckpt.step,
+        args=ocp.args.Composite(
+          **{
+            STATE_ITEM: ocp.args.PyTreeRestore(
+              item={'params': target}, restore_args={'params': restore_args}, partial_restore=True
+            )
+          }
+        ),
+      )
   except Exception as e:  # noqa: BLE001 Orbax wraps tensorstore's statuses in several types
     status = _storage_status(e)
     if status is not None and _DAMAGED.match(status):
-      raise UsageError(f'{flag}={path}: {ckpt.step_dir} cannot be read: it is truncated or damaged '
-                       f'({one_line(status, 200)}); restore it from a copy, or give an earlier step '
-                       '(DIR/checkpoints/<step>)') from None
+      raise UsageError(
+        f'{flag}={path}: {ckpt.step_dir} cannot be read: it is truncated or damaged '
+        f'({one_line(status, 200)}); restore it from a copy, or give an earlier step '
+        '(DIR/checkpoints/<step>)'
+      ) from None
     if status is not None or not isinstance(e, (ValueError, KeyError)):
       raise  # out of memory, permission, I/O: not the checkpoint's fault, not to be called damage
-    raise UsageError(f'{flag}={path}: the parameters in {ckpt.step_dir} do not match {ckpt.config_path.name} '
-                     f'({one_line(e, 200)})') from None
+    raise UsageError(
+      f'{flag}={path}: the parameters in {ckpt.step_dir} do not match {ckpt.config_path.name} ({one_line(e, 200)})'
+    ) from None
   params = restored[STATE_ITEM]['params']
   for key_path, want in jax.tree_util.tree_leaves_with_path(target):
     got = params
@@ -206,13 +246,16 @@ def restore_params(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = No
       got = got[key.key]
     if tuple(got.shape) != tuple(want.shape):
       name = '/'.join(str(k.key) for k in key_path)
-      raise UsageError(f'{flag}={path}: parameter {name} has shape {tuple(got.shape)}, but {ckpt.config_path.name} '
-                       f'implies {tuple(want.shape)}')
+      raise UsageError(
+        f'{flag}={path}: parameter {name} has shape {tuple(got.shape)}, but {ckpt.config_path.name} '
+        f'implies {tuple(want.shape)}'
+      )
   return config, params, ckpt
 
 
-def restore_model(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, *, flag: str = '--ckpt'
-                  ) -> tuple[config_dict.ConfigDict, Transformer, CheckpointDir]:
+def restore_model(
+  path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, *, flag: str = '--ckpt'
+) -> tuple[config_dict.ConfigDict, Transformer, CheckpointDir]:
   """(config, model, resolved directory) from a checkpoint directory; parameters placed on `mesh` (or device 0)."""
   config, params, ckpt = restore_params(path, mesh, flag=flag)
   graphdef, state = nnx.split(abstract(ModelConfig.from_config(config.model)))

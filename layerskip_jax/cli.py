@@ -49,11 +49,13 @@ class _QuietOrbaxErrors(std_logging.Filter):
   def unraisablehook(previous):
     """Drops what a failed Orbax operation leaves behind: tensorstore callbacks on its closed event loop, and its
     abandoned coroutines' errors when they are collected (after the one line was printed)."""
+
     def hook(unraisable):
       code = getattr(unraisable.object, 'cr_code', None)
       closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'
       if not (closed_loop or (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)):
         previous(unraisable)
+
     return hook
 
 
@@ -88,6 +90,7 @@ def run(main: Callable[[Args], int | None]) -> None:
 
   LAYERSKIP_PARSE_ONLY=1 parses the command line (flags, and --config.k=v overrides against --config where the
   command has one) and exits 0 without running it: tests check the documented command lines with it."""
+
   def guarded(args: Args) -> int | None:
     if not flags.FLAGS['verbosity'].present:  # Orbax and JAX log every step at INFO; keep the console readable
       logging.set_verbosity(logging.WARNING)
@@ -109,4 +112,5 @@ def run(main: Callable[[Args], int | None]) -> None:
         where = f'{e.filename}: ' if e.filename else ''
         fail(f'{where}{describe_os_error(e)} (set LAYERSKIP_DEBUG=1 for the traceback)', 1)
       fail(f'{type(e).__name__}: {one_line(e)} (set LAYERSKIP_DEBUG=1 for the traceback)', 1)
+
   app.run(guarded, flags_parser=_parse)

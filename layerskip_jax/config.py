@@ -38,8 +38,9 @@ def choice(default: Any, allowed: Iterable) -> Any:
   return dataclasses.field(default=default, metadata={'choices': tuple(allowed)})
 
 
-def bounded(default: Any = dataclasses.MISSING, *, low: float, high: float | None = None,
-            low_excluded: bool = False) -> Any:
+def bounded(
+  default: Any = dataclasses.MISSING, *, low: float, high: float | None = None, low_excluded: bool = False
+) -> Any:
   """A dataclass field of a config section whose value must lie in [low, high] ((low, high] when low_excluded;
   no upper bound when high is None). No default: a required field."""
   return dataclasses.field(default=default, metadata={'range': (low, high, low_excluded)})
@@ -50,6 +51,7 @@ def section_schemas() -> dict[str, type]:
   choice and bounded), and a config is validated long after both are loaded."""
   from layerskip_jax.model.model_config import ModelConfig, RopeScaling  # the schema, see above
   from layerskip_jax.objective.objective_config import ObjectiveConfig
+
   return {'model': ModelConfig, 'model.rope_scaling': RopeScaling, 'layerskip': ObjectiveConfig}
 
 
@@ -60,12 +62,15 @@ def section_kwargs(section: config_dict.ConfigDict, schema: type, name: str) -> 
   values = section.to_dict()
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise ConfigError(f'{name}.{unknown[0]}: not a field of {schema.__name__} ({_schema_file(schema)}); add the '
-                      'field there, or remove the key')
+    raise ConfigError(
+      f'{name}.{unknown[0]}: not a field of {schema.__name__} ({_schema_file(schema)}); add the '
+      'field there, or remove the key'
+    )
   missing = sorted(f for f in fields - set(values) if _required(schema, f))
   if missing:
-    raise ConfigError(f'{name}.{missing[0]}: a required field of {schema.__name__} missing from the config; add it '
-                      'to configs/base.py')
+    raise ConfigError(
+      f'{name}.{missing[0]}: a required field of {schema.__name__} missing from the config; add it to configs/base.py'
+    )
   return values
 
 
@@ -92,28 +97,28 @@ def field_rules() -> tuple[dict[str, tuple], dict[str, tuple]]:
 
 # Keys of the sections without a dataclass: (lowest allowed, highest allowed or None, whether the lowest is excluded)
 _RANGES = {
-    'train.steps': (1, None, False),
-    'train.batch_size': (1, None, False),
-    'train.grad_accum_steps': (1, None, False),
-    'train.seq_len': (2, None, False),
-    'train.seed': (0, None, False),
-    'train.learning_rate': (0.0, None, True),
-    'train.warmup_steps': (0, None, False),
-    'train.min_lr_ratio': (0.0, 1.0, False),
-    'train.weight_decay': (0.0, None, False),
-    'train.adam_b1': (0.0, 1.0, False),
-    'train.adam_b2': (0.0, 1.0, False),
-    'train.adam_eps': (0.0, None, True),
-    'train.grad_clip_norm': (0.0, None, False),
-    'data.num_workers': (0, None, False),
-    'data.prefetch': (0, None, False),
-    'train.log_every': (1, None, False),
-    'train.eval_every': (0, None, False),
-    'train.eval_batches': (1, None, False),
-    'train.peak_tflops': (0.0, None, True),
-    'checkpoint.every_steps': (1, None, False),
-    'checkpoint.keep': (1, None, False),
-    'checkpoint.preemption_check_every': (1, None, False),
+  'train.steps': (1, None, False),
+  'train.batch_size': (1, None, False),
+  'train.grad_accum_steps': (1, None, False),
+  'train.seq_len': (2, None, False),
+  'train.seed': (0, None, False),
+  'train.learning_rate': (0.0, None, True),
+  'train.warmup_steps': (0, None, False),
+  'train.min_lr_ratio': (0.0, 1.0, False),
+  'train.weight_decay': (0.0, None, False),
+  'train.adam_b1': (0.0, 1.0, False),
+  'train.adam_b2': (0.0, 1.0, False),
+  'train.adam_eps': (0.0, None, True),
+  'train.grad_clip_norm': (0.0, None, False),
+  'data.num_workers': (0, None, False),
+  'data.prefetch': (0, None, False),
+  'train.log_every': (1, None, False),
+  'train.eval_every': (0, None, False),
+  'train.eval_batches': (1, None, False),
+  'train.peak_tflops': (0.0, None, True),
+  'checkpoint.every_steps': (1, None, False),
+  'checkpoint.keep': (1, None, False),
+  'checkpoint.preemption_check_every': (1, None, False),
 }
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -179,7 +184,7 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: Mapping[str, Any]
     items = []
     for arg in overrides:
       text = arg[2:] if arg.startswith('--') else arg
-      text = text[len('config.'):] if text.startswith('config.') else text
+      text = text[len('config.') :] if text.startswith('config.') else text
       if '=' not in text:
         raise ConfigError(f'{arg}: a config override needs a value, as --config.{text}=VALUE')
       key, value = text.split('=', 1)
@@ -286,33 +291,44 @@ def validate(config: config_dict.ConfigDict) -> None:
 def _validate_relations(config: config_dict.ConfigDict) -> None:
   m, t = config.model, config.train
   if m.hidden_size % m.num_attention_heads:
-    raise ConfigError(f'model.num_attention_heads={m.num_attention_heads}: must divide model.hidden_size='
-                      f'{m.hidden_size}')
+    raise ConfigError(
+      f'model.num_attention_heads={m.num_attention_heads}: must divide model.hidden_size={m.hidden_size}'
+    )
   if m.num_attention_heads % m.num_key_value_heads:
-    raise ConfigError(f'model.num_key_value_heads={m.num_key_value_heads}: must divide '
-                      f'model.num_attention_heads={m.num_attention_heads}')
+    raise ConfigError(
+      f'model.num_key_value_heads={m.num_key_value_heads}: must divide '
+      f'model.num_attention_heads={m.num_attention_heads}'
+    )
   head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
   if head_dim % 2:
     raise ConfigError(f'model.head_dim={head_dim}: must be even (rotary embeddings rotate pairs of channels)')
   rs = m.rope_scaling
   if rs.rope_type == 'llama3' and rs.high_freq_factor <= rs.low_freq_factor:
-    raise ConfigError(f'model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed '
-                      f'model.rope_scaling.low_freq_factor={rs.low_freq_factor}')
+    raise ConfigError(
+      f'model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed '
+      f'model.rope_scaling.low_freq_factor={rs.low_freq_factor}'
+    )
   if m.attention_impl == 'cudnn' and m.dtype == 'float32':
-    raise ConfigError("model.attention_impl='cudnn': cuDNN's fused attention takes bfloat16 or float16 "
-                      "(model.dtype='float32'); use model.dtype=bfloat16, or model.attention_impl=auto")
+    raise ConfigError(
+      "model.attention_impl='cudnn': cuDNN's fused attention takes bfloat16 or float16 "
+      "(model.dtype='float32'); use model.dtype=bfloat16, or model.attention_impl=auto"
+    )
   if config.layerskip.draft_exit >= m.num_hidden_layers:
-    raise ConfigError(f'layerskip.draft_exit={config.layerskip.draft_exit}: must be an early exit, 1..'
-                      f'{m.num_hidden_layers - 1} (the last exit is always supervised), or 0 for none')
+    raise ConfigError(
+      f'layerskip.draft_exit={config.layerskip.draft_exit}: must be an early exit, 1..'
+      f'{m.num_hidden_layers - 1} (the last exit is always supervised), or 0 for none'
+    )
   if m.scan_unroll > m.num_hidden_layers:
-    raise ConfigError(f'model.scan_unroll={m.scan_unroll}: must be at most model.num_hidden_layers='
-                      f'{m.num_hidden_layers}')
+    raise ConfigError(
+      f'model.scan_unroll={m.scan_unroll}: must be at most model.num_hidden_layers={m.num_hidden_layers}'
+    )
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'train.grad_accum_steps={t.grad_accum_steps}: must divide train.batch_size={t.batch_size}')
   parse_profile_steps(config.logging.profile_steps)
   if t.seq_len > m.max_position_embeddings:
-    raise ConfigError(f'train.seq_len={t.seq_len}: must be at most model.max_position_embeddings='
-                      f'{m.max_position_embeddings}')
+    raise ConfigError(
+      f'train.seq_len={t.seq_len}: must be at most model.max_position_embeddings={m.max_position_embeddings}'
+    )
   for axis in MESH_AXES:
     for key in (axis, f'dcn_{axis}'):
       value = config.mesh[key]
@@ -324,8 +340,10 @@ def _validate_relations(config: config_dict.ConfigDict) -> None:
       raise ConfigError(f'{fills[1]}=-1: only one of {", ".join(fills)} may be -1')
   tensor = config.mesh.tensor * config.mesh.dcn_tensor
   if tensor > 0 and m.num_key_value_heads % tensor:
-    raise ConfigError(f'mesh.tensor={config.mesh.tensor}: tensor parallelism must divide '
-                      f'model.num_key_value_heads={m.num_key_value_heads}')
+    raise ConfigError(
+      f'mesh.tensor={config.mesh.tensor}: tensor parallelism must divide '
+      f'model.num_key_value_heads={m.num_key_value_heads}'
+    )
 
 
 def parse_profile_steps(value: str) -> tuple[int, int] | None:
@@ -338,8 +356,10 @@ def parse_profile_steps(value: str) -> tuple[int, int] | None:
   except ValueError:
     first, last = 0, -1
   if not 1 <= first <= last:
-    raise ConfigError(f"logging.profile_steps={value!r}: must be '' (off) or 'FIRST,LAST' with 1 <= FIRST <= LAST, "
-                      "e.g. '10,15' (a profiler trace of steps 10 to 15)")
+    raise ConfigError(
+      f"logging.profile_steps={value!r}: must be '' (off) or 'FIRST,LAST' with 1 <= FIRST <= LAST, "
+      "e.g. '10,15' (a profiler trace of steps 10 to 15)"
+    )
   return first, last
 
 

@@ -30,8 +30,9 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.objective.loss import exit_statistics, summarize_exits
 
 
-def prepare_source(lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, *,
-                   named: str | None = None) -> PreparedData:
+def prepare_source(
+  lm: api.LoadedModel | api.CheckpointInfo, source: str, split: str, *, named: str | None = None
+) -> PreparedData:
   """The source split tokenized with the checkpoint's tokenizer (prepared once, then cached); needs no weights.
   `named` ('--ckpt=DIR') is how messages name the checkpoint."""
   named = named or f'--ckpt={lm.checkpoint.root}'
@@ -47,8 +48,16 @@ def _batches(prepared: PreparedData, batch_size: int, seq_len: int):
   return loader.dataset(prepared.train, seq_len, batch_size, shuffle=False, repeat=False)
 
 
-def evaluate_exits(lm: api.LoadedModel, source: str, split: str, *, batches: int, batch_size: int,
-                   seq_len: int, prepared: PreparedData | None = None) -> dict[str, Any]:
+def evaluate_exits(
+  lm: api.LoadedModel,
+  source: str,
+  split: str,
+  *,
+  batches: int,
+  batch_size: int,
+  seq_len: int,
+  prepared: PreparedData | None = None,
+) -> dict[str, Any]:
   """Per-exit statistics of a checkpoint on a source split, tokenized with the checkpoint's tokenizer (cached;
   `prepared` if already done)."""
   prepared = prepared or prepare_source(lm, source, split)
@@ -62,8 +71,13 @@ def evaluate_exits(lm: api.LoadedModel, source: str, split: str, *, batches: int
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   if totals is None:
     raise UsageError(f'--source={source} --split={split}: not one batch of {batch_size} x {seq_len} tokens')
-  return {'ckpt': str(lm.checkpoint.root), 'step': lm.checkpoint.step, 'source': source, 'split': split,
-          **{k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in summarize_exits(totals).items()}}
+  return {
+    'ckpt': str(lm.checkpoint.root),
+    'step': lm.checkpoint.step,
+    'source': source,
+    'split': split,
+    **{k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in summarize_exits(totals).items()},
+  }
 
 
 def layerwise(lm: api.LoadedModel, prompt_ids: list[int]) -> dict[str, Any]:
@@ -79,14 +93,21 @@ def layerwise(lm: api.LoadedModel, prompt_ids: list[int]) -> dict[str, Any]:
   disagree = ~settled
   last_bad = np.where(disagree.any(axis=0), num_layers - 1 - np.argmax(disagree[::-1], axis=0), -1)
   settle = (last_bad + 2).tolist()
-  return {'prompt_ids': list(map(int, prompt_ids)), 'top1': top1.T.tolist(), 'settle_exit': settle,
-          'mean_settle_exit': float(np.mean(settle)), 'num_layers': num_layers}
+  return {
+    'prompt_ids': list(map(int, prompt_ids)),
+    'top1': top1.T.tolist(),
+    'settle_exit': settle,
+    'mean_settle_exit': float(np.mean(settle)),
+    'num_layers': num_layers,
+  }
 
 
 def _plot(path: str, results: list[dict], grid: dict | None, tokenizer) -> None:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   panels = 2 if grid else 1
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4))
   axes = np.atleast_1d(axes)
@@ -100,8 +121,10 @@ def _plot(path: str, results: list[dict], grid: dict | None, tokenizer) -> None:
     axes[1].imshow((top1 == top1[:, -1:]).T, aspect='auto', origin='lower', cmap='Greens')
     labels = [tokenizer.decode([t]) if tokenizer else str(t) for t in grid['prompt_ids']]
     axes[1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    axes[1].set(ylabel='exit index (E - 1)', title=f'top-1 equals the final exit (mean settle exit '
-                                                    f'{grid["mean_settle_exit"]:.2f} of {grid["num_layers"]})')
+    axes[1].set(
+      ylabel='exit index (E - 1)',
+      title=f'top-1 equals the final exit (mean settle exit {grid["mean_settle_exit"]:.2f} of {grid["num_layers"]})',
+    )
   fig.tight_layout()
   outputs.save_figure(fig, path, dpi=120)
 
@@ -121,14 +144,17 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
   for info in infos:
     positions = info.config.model.max_position_embeddings
     if f.seq_len > positions:
-      raise UsageError(f'--seq_len={f.seq_len}: must be at most model.max_position_embeddings={positions} of '
-                       f'{info.named}')
+      raise UsageError(
+        f'--seq_len={f.seq_len}: must be at most model.max_position_embeddings={positions} of {info.named}'
+      )
   ids = infos[0].prompt_ids(f.layerwise_prompt, '--layerwise_prompt') if f.layerwise_prompt is not None else None
   prepared = [prepare_source(info, f.source, f.split, named=info.named) for info in infos]
   for data in prepared:
     if next(iter(_batches(data, f.batch_size, f.seq_len)), None) is None:
-      raise UsageError(f'--source={f.source} --split={f.split}: not one batch of {f.batch_size} x {f.seq_len} '
-                       'tokens; lower --batch_size or --seq_len')
+      raise UsageError(
+        f'--source={f.source} --split={f.split}: not one batch of {f.batch_size} x {f.seq_len} '
+        'tokens; lower --batch_size or --seq_len'
+      )
   options = dict(batches=f.batches, batch_size=f.batch_size, seq_len=f.seq_len)
   lm = infos[0].load()
   results = [evaluate_exits(lm, f.source, f.split, **options, prepared=prepared[0])]

@@ -31,15 +31,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('ckpt', None, 'checkpoint directory (DIR or DIR/checkpoints/<step>)', **fv)
   flags.DEFINE_string('prompt', None, 'the prompt text (or space-separated token ids)', **fv)
   flags.DEFINE_enum('strategy', 'self_speculative', STRATEGIES, 'decoding strategy', **fv)
-  flags.DEFINE_string('exit_layer', None, 'E: layers run by the draft / early exit (default: L/2), or auto (chosen '
-                      'by a calibration on the prompt; self_speculative)', **fv)
+  flags.DEFINE_string(
+    'exit_layer',
+    None,
+    'E: layers run by the draft / early exit (default: L/2), or auto (chosen '
+    'by a calibration on the prompt; self_speculative)',
+    **fv,
+  )
   flags.DEFINE_string('num_speculations', '4', 'd: drafts per self-speculative round, or auto', **fv)
-  flags.DEFINE_integer('max_speculations', None, 'the d bucket: the compiled verify block holds this many drafts, '
-                       'shared by every d up to it (default: d itself)', **fv)
-  flags.DEFINE_float('confidence_threshold', 0.0, 'stop drafting after a draft whose top probability at the early '
-                     'exit is below this (0 = off: always d drafts)', **fv)
-  flags.DEFINE_bool('adapt_threshold', False, 'adapt the threshold per row from the acceptance so far (starting '
-                    'at --confidence_threshold, or 0.4)', **fv)
+  flags.DEFINE_integer(
+    'max_speculations',
+    None,
+    'the d bucket: the compiled verify block holds this many drafts, shared by every d up to it (default: d itself)',
+    **fv,
+  )
+  flags.DEFINE_float(
+    'confidence_threshold',
+    0.0,
+    'stop drafting after a draft whose top probability at the early exit is below this (0 = off: always d drafts)',
+    **fv,
+  )
+  flags.DEFINE_bool(
+    'adapt_threshold',
+    False,
+    'adapt the threshold per row from the acceptance so far (starting at --confidence_threshold, or 0.4)',
+    **fv,
+  )
   flags.DEFINE_integer('max_new_tokens', 64, 'tokens to generate at most', **fv)
   flags.DEFINE_float('temperature', 0.0, '0 = greedy', **fv)
   flags.DEFINE_integer('top_k', 0, 'sample among the k most likely tokens (0 = all)', **fv)
@@ -68,39 +85,65 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
   info = api.inspect(f.ckpt)
   if exit_layer is None and f.strategy != 'autoregressive':
     exit_layer = max(1, info.num_layers // 2)
-  auto = [name for name, value in (('exit_layer', exit_layer), ('num_speculations', num_speculations))
-          if value == 'auto']
+  auto = [
+    name for name, value in (('exit_layer', exit_layer), ('num_speculations', num_speculations)) if value == 'auto'
+  ]
   if auto and f.strategy != 'self_speculative':
-    raise UsageError(f'--{auto[0]}=auto: chooses E and d for --strategy=self_speculative, not {f.strategy}; give an '
-                     f'integer --{auto[0]}')
+    raise UsageError(
+      f'--{auto[0]}=auto: chooses E and d for --strategy=self_speculative, not {f.strategy}; give an '
+      f'integer --{auto[0]}'
+    )
   if auto:
     calibrate.check_auto(info.num_layers, auto[0], prefix='--')
     if f.max_speculations is not None:
-      raise UsageError(f'--max_speculations={f.max_speculations}: a d bucket is for a given d, not for '
-                       f'--{auto[0]}=auto (which runs each d it tries in its own program); leave it out')
+      raise UsageError(
+        f'--max_speculations={f.max_speculations}: a d bucket is for a given d, not for '
+        f'--{auto[0]}=auto (which runs each d it tries in its own program); leave it out'
+      )
   # auto values are checked with stand-ins (the smallest E and d): every other flag is checked before the weights
-  stand_in = dict(exit_layer=1 if exit_layer == 'auto' else exit_layer,
-                  num_speculations=1 if num_speculations == 'auto' else num_speculations)
+  stand_in = dict(
+    exit_layer=1 if exit_layer == 'auto' else exit_layer,
+    num_speculations=1 if num_speculations == 'auto' else num_speculations,
+  )
   sampling = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
-  drafting = dict(max_speculations=f.max_speculations, confidence_threshold=f.confidence_threshold,
-                  adapt_threshold=f.adapt_threshold)
-  _, d_max = check_request(info.model_config, strategy=f.strategy, **stand_in, **sampling,
-                           max_speculations=None if auto else f.max_speculations,
-                           confidence_threshold=f.confidence_threshold, prefix='--')
+  drafting = dict(
+    max_speculations=f.max_speculations, confidence_threshold=f.confidence_threshold, adapt_threshold=f.adapt_threshold
+  )
+  _, d_max = check_request(
+    info.model_config,
+    strategy=f.strategy,
+    **stand_in,
+    **sampling,
+    max_speculations=None if auto else f.max_speculations,
+    confidence_threshold=f.confidence_threshold,
+    prefix='--',
+  )
   prompt = info.prompt_ids(f.prompt, '--prompt')
   check_length(info.model_config, len(prompt), f.max_new_tokens, d_max, prefix='--')
   if auto and f.max_new_tokens < 2:
-    raise UsageError(f'--max_new_tokens={f.max_new_tokens}: --{auto[0]}=auto calibrates on at least 2 new tokens; '
-                     f'give an integer --{auto[0]} for fewer')
+    raise UsageError(
+      f'--max_new_tokens={f.max_new_tokens}: --{auto[0]}=auto calibrates on at least 2 new tokens; '
+      f'give an integer --{auto[0]} for fewer'
+    )
   lm = info.load()
-  result = lm.generate([prompt], strategy=f.strategy, exit_layer=exit_layer, num_speculations=num_speculations,
-                       **sampling, **drafting, max_new_tokens=f.max_new_tokens, seed=f.seed,
-                       **(dict(calibration_log=lambda line: print(f'[{line}]', flush=True)) if auto else {}))
+  result = lm.generate(
+    [prompt],
+    strategy=f.strategy,
+    exit_layer=exit_layer,
+    num_speculations=num_speculations,
+    **sampling,
+    **drafting,
+    max_new_tokens=f.max_new_tokens,
+    seed=f.seed,
+    **(dict(calibration_log=lambda line: print(f'[{line}]', flush=True)) if auto else {}),
+  )
   print(result.text[0] if result.text is not None else ' '.join(map(str, result.tokens[0])))
   s = result.stats
   rate = f', acceptance {s["acceptance_rate"]:.1%}' if s['acceptance_rate'] is not None else ''
-  print(f'[{s["new_tokens"]} tokens, {s["new_tokens"] / max(s["decode_seconds"], 1e-9):.1f} tokens/s decode '
-        f'(incl. compile), prefill {s["prefill_seconds"] * 1e3:.0f} ms{rate}]')
+  print(
+    f'[{s["new_tokens"]} tokens, {s["new_tokens"] / max(s["decode_seconds"], 1e-9):.1f} tokens/s decode '
+    f'(incl. compile), prefill {s["prefill_seconds"] * 1e3:.0f} ms{rate}]'
+  )
 
 
 if __name__ == '__main__':

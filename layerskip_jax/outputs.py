@@ -43,6 +43,7 @@ MARKER = '.layerskip_output'  # in every output directory: the command that wrot
 class Kind:
   """A kind of output directory: what it is called in messages, the command that writes it (recorded in its MARKER
   file), the names its entries may have (fnmatch patterns) and the names one must have."""
+
   name: str
   writer: str
   allowed: tuple[str, ...]
@@ -62,22 +63,42 @@ class Kind:
     marker = directory / MARKER
     written_by = marker.read_text(errors='replace').strip() if marker.is_file() else None
     if written_by != self.writer:
-      return (f'its {MARKER} names {written_by!r}' if written_by else
-              f'it has no {MARKER} file naming {self.writer}, so it was not written by this version of it')
+      return (
+        f'its {MARKER} names {written_by!r}'
+        if written_by
+        else f'it has no {MARKER} file naming {self.writer}, so it was not written by this version of it'
+      )
     return None
 
 
-_TOKENIZER = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json',
-              'special_tokens_map.json')
+_TOKENIZER = (
+  'tokenizer.model',
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'generation_config.json',
+  'special_tokens_map.json',
+)
 # `convert import_hf`: a parameters-only checkpoint directory (no metrics.jsonl: a training workdir is not one).
-CHECKPOINT = Kind('a converted checkpoint', 'convert import_hf', ('layerskip_config.json', 'checkpoints', *_TOKENIZER),
-                  ('layerskip_config.json',))
+CHECKPOINT = Kind(
+  'a converted checkpoint',
+  'convert import_hf',
+  ('layerskip_config.json', 'checkpoints', *_TOKENIZER),
+  ('layerskip_config.json',),
+)
 # `convert export_hf`: a Hugging Face model directory.
-HF_EXPORT = Kind('a Hugging Face export', 'convert export_hf',
-                 ('config.json', '*.safetensors', 'model.safetensors.index.json', *_TOKENIZER), ('config.json',))
+HF_EXPORT = Kind(
+  'a Hugging Face export',
+  'convert export_hf',
+  ('config.json', '*.safetensors', 'model.safetensors.index.json', *_TOKENIZER),
+  ('config.json',),
+)
 # `data.prepare`: ArrayRecord shards and their manifest.
-SHARDS = Kind('prepared shards', 'data.prepare', ('manifest.json', 'shard-*.array_record', 'shard-*.lengths.npy'),
-              ('manifest.json',))
+SHARDS = Kind(
+  'prepared shards',
+  'data.prepare',
+  ('manifest.json', 'shard-*.array_record', 'shard-*.lengths.npy'),
+  ('manifest.json',),
+)
 
 
 def _real(path: str | os.PathLike) -> pathlib.Path:
@@ -92,13 +113,19 @@ def _input_paths(inputs: Inputs) -> Iterator[tuple[str, str | os.PathLike, pathl
   """(flag, path as given, real path) of every input; a flag may name several paths (the parts of a checkpoint
   directory: outputs may go beside them, not over them)."""
   for name, value in inputs.items():
-    for path in (value if isinstance(value, (list, tuple)) else [value]):
+    for path in value if isinstance(value, (list, tuple)) else [value]:
       if path:
         yield name, path, _real(path)
 
 
-def check_not_input(flag: str, out: str | os.PathLike, inputs: Inputs, *,
-                    new_inside_ok: bool = True, consequence: str = 'replacing it would destroy the input') -> None:
+def check_not_input(
+  flag: str,
+  out: str | os.PathLike,
+  inputs: Inputs,
+  *,
+  new_inside_ok: bool = True,
+  consequence: str = 'replacing it would destroy the input',
+) -> None:
   """`out` is not one of `inputs`, an ancestor of one, or an existing part of one. With `new_inside_ok=False` not
   anywhere inside one either: a data command's source directory is read recursively, so what is written into it
   would be read back as documents by the next run. `consequence` ends the message."""
@@ -112,8 +139,9 @@ def check_not_input(flag: str, out: str | os.PathLike, inputs: Inputs, *,
       relation = 'inside'
     else:
       continue
-    raise UsageError(f'{flag}={out}: is {relation} the input {name}={value}; {consequence}: choose an output path '
-                     'outside it')
+    raise UsageError(
+      f'{flag}={out}: is {relation} the input {name}={value}; {consequence}: choose an output path outside it'
+    )
 
 
 def check_writable(flag: str, path: str | os.PathLike) -> None:
@@ -138,8 +166,9 @@ def _check_parent_writable(flag: str, path: pathlib.Path) -> None:
     raise UsageError(f'{flag}={path}: cannot write in {ancestor} (permission denied); choose a writable path')
 
 
-def check_dir(flag: str, out: str | os.PathLike, *, kind: Kind, inputs: Inputs = {},
-              overwrite: bool = False) -> pathlib.Path:
+def check_dir(
+  flag: str, out: str | os.PathLike, *, kind: Kind, inputs: Inputs = {}, overwrite: bool = False
+) -> pathlib.Path:
   """Checks an output directory before any work; returns it absolute. Raises UsageError naming `flag` if it is (or
   contains, or lies inside) an input, is a file, exists without `overwrite` (an empty directory is fine), is not a
   previous output of `kind`, or cannot be written."""
@@ -153,16 +182,17 @@ def check_dir(flag: str, out: str | os.PathLike, *, kind: Kind, inputs: Inputs =
         raise UsageError(f'{flag}={out}: already exists; pass --overwrite to replace it')
       why = kind.describe(path)
       if why is not None:
-        raise UsageError(f'{flag}={out}: --overwrite replaces only {kind.name} ({kind.writer}), and this is not one '
-                         f'({why}); nothing was changed: remove it yourself or choose another path')
+        raise UsageError(
+          f'{flag}={out}: --overwrite replaces only {kind.name} ({kind.writer}), and this is not one '
+          f'({why}); nothing was changed: remove it yourself or choose another path'
+        )
     if not os.access(path, os.W_OK | os.X_OK):
       raise UsageError(f'{flag}={out}: cannot write in it (permission denied)')
   _check_parent_writable(flag, path)
   return path
 
 
-def check_file(flag: str, path: str | os.PathLike | None, *, inputs: Inputs = {}
-               ) -> pathlib.Path | None:
+def check_file(flag: str, path: str | os.PathLike | None, *, inputs: Inputs = {}) -> pathlib.Path | None:
   """Checks an output file (--json, --plot) before any work; returns it absolute (None for None). It is replaced
   when written, so an existing file is fine; a directory, an input or an unwritable place is not."""
   if not path:
@@ -180,15 +210,13 @@ def check_file(flag: str, path: str | os.PathLike | None, *, inputs: Inputs = {}
 # --- figures (--plot): checked with the other outputs before any work, written whole ---------------------------
 
 
-
 def _figure_format(path: str | os.PathLike) -> str:
   """matplotlib's format name for a path: its suffix, or png without one (the temporary sibling savefig writes has
   no telling suffix, so the format is always passed explicitly)."""
   return pathlib.Path(path).suffix.lstrip('.').lower() or 'png'
 
 
-def check_plot(flag: str, path: str | None, *, inputs: Inputs = {},
-               others: Inputs = {}) -> pathlib.Path | None:
+def check_plot(flag: str, path: str | None, *, inputs: Inputs = {}, others: Inputs = {}) -> pathlib.Path | None:
   """outputs.check_file for a figure, and what only a figure needs, before any work: matplotlib installed, a
   format it writes (from the suffix; none = PNG), not the same file as another output (`others`: {flag: path})."""
   out = check_file(flag, path, inputs=inputs)
@@ -199,20 +227,25 @@ def check_plot(flag: str, path: str | None, *, inputs: Inputs = {},
       raise UsageError(f'{flag}={path}: is the same file as {other}={value}; give them different paths')
   try:
     import matplotlib
+
     matplotlib.use('Agg')
     from matplotlib.backend_bases import FigureCanvasBase
   except ImportError:
-    raise UsageError(f'{flag}={path}: drawing needs matplotlib, which is not installed; pip install -r '
-                     f'requirements-dev.txt, or leave out {flag}') from None
+    raise UsageError(
+      f'{flag}={path}: drawing needs matplotlib, which is not installed; pip install -r '
+      f'requirements-dev.txt, or leave out {flag}'
+    ) from None
   if _figure_format(out) not in FigureCanvasBase.get_supported_filetypes():
-    raise UsageError(f'{flag}={path}: matplotlib cannot write {out.suffix} files; give a path ending in .png, .pdf '
-                     'or .svg')
+    raise UsageError(
+      f'{flag}={path}: matplotlib cannot write {out.suffix} files; give a path ending in .png, .pdf or .svg'
+    )
   return out
 
 
 def save_figure(fig, path: str | os.PathLike, **savefig_options) -> None:
   """fig.savefig into `path` whole (a sibling renamed over it), in the format its suffix names; closes `fig`."""
   import matplotlib.pyplot as plt
+
   with atomic_file(path) as tmp:
     fig.savefig(tmp, format=_figure_format(path), **savefig_options)
   plt.close(fig)
@@ -261,9 +294,9 @@ def _remove(path: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, flag: str = '--out', kind: Kind | None = None,
-                     inputs: Inputs = {}, overwrite: bool = False
-                     ) -> Iterator[pathlib.Path]:
+def atomic_directory(
+  out: str | os.PathLike, *, flag: str = '--out', kind: Kind | None = None, inputs: Inputs = {}, overwrite: bool = False
+) -> Iterator[pathlib.Path]:
   """Yields a temporary sibling of `out` to fill; swaps it in for `out` only if the block succeeds.
 
   `out` is checked first (check_dir with `kind`, when given; the kind's MARKER is written into the new output). The

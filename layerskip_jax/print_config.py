@@ -16,8 +16,9 @@ flags.DEFINE_string('config', 'tiny', 'config file, or the name of a preset in c
 
 def main(args: cli.Args) -> None:
   if len(args.positional) > 1:
-    raise config_lib.ConfigError(f'unexpected argument {args.positional[1]!r}; overrides look like '
-                                 '--config.section.key=value')
+    raise config_lib.ConfigError(
+      f'unexpected argument {args.positional[1]!r}; overrides look like --config.section.key=value'
+    )
   config = config_lib.load(flags.FLAGS.config, args.config_overrides)
   print(config_lib.to_json(config))
   print(f'parameters: {count_params(ModelConfig.from_config(config.model)):,}')

@@ -52,10 +52,15 @@ def _numbers(value: Any) -> bool:
   return isinstance(value, list) and bool(value) and all(v is None or _number(v) for v in value)
 
 
-_KINDS = {'number': _number, 'integer': _integer, 'string': lambda v: isinstance(v, str),
-          'object': lambda v: isinstance(v, dict), 'list of numbers': _numbers,
-          'number or null': lambda v: v is None or _number(v), 'object or null': lambda v: v is None or isinstance(
-              v, dict)}
+_KINDS = {
+  'number': _number,
+  'integer': _integer,
+  'string': lambda v: isinstance(v, str),
+  'object': lambda v: isinstance(v, dict),
+  'list of numbers': _numbers,
+  'number or null': lambda v: v is None or _number(v),
+  'object or null': lambda v: v is None or isinstance(v, dict),
+}
 
 
 def _read(path: str, flag: str) -> dict:
@@ -75,11 +80,13 @@ def _read(path: str, flag: str) -> dict:
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
-    raise UsageError(f'{flag}={path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); give the JSON file '
-                     f'that {writer} wrote') from None
+    raise UsageError(
+      f'{flag}={path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); give the JSON file that {writer} wrote'
+    ) from None
   if not isinstance(data, dict):
-    raise UsageError(f'{flag}={path}: holds {describe_json(data)}, not an object; give the JSON file that '
-                     f'{writer} wrote')
+    raise UsageError(
+      f'{flag}={path}: holds {describe_json(data)}, not an object; give the JSON file that {writer} wrote'
+    )
   return data
 
 
@@ -97,8 +104,9 @@ def read_eval(path: str, flag: str = '--eval') -> dict:
   data = _read(path, flag)
   where = f'{flag}={path}'
   if 'exit_ppl' not in data and 'settings' in data:
-    raise UsageError(f'{where}: is a benchmark result ({_WRITERS["--benchmark"]}), not an evaluation; pass it as '
-                     '--benchmark')
+    raise UsageError(
+      f'{where}: is a benchmark result ({_WRITERS["--benchmark"]}), not an evaluation; pass it as --benchmark'
+    )
   fix = f'this is not an eval.json of {_WRITERS[flag]}: give that file (or rerun the evaluation)'
   _require(data, 'ckpt', 'string', where, fix)
   _require(data, 'step', 'integer', where, fix)
@@ -135,8 +143,13 @@ def read_benchmark(path: str, flag: str = '--benchmark') -> dict:
     prefix = f'best.{batch}.'
     if not isinstance(setting, dict):
       raise UsageError(f'{where}: "best.{batch}" is {describe_json(setting)}, not an object or null; {fix}')
-    for key, kind in (('speedup', 'number'), ('exit_layer', 'integer'), ('num_speculations', 'integer'),
-                      ('acceptance_rate', 'number or null'), ('agreement', 'number')):
+    for key, kind in (
+      ('speedup', 'number'),
+      ('exit_layer', 'integer'),
+      ('num_speculations', 'integer'),
+      ('acceptance_rate', 'number or null'),
+      ('agreement', 'number'),
+    ):
       _require(setting, key, kind, where, fix, prefix)
   if 'autoregressive_over_floor' in data:
     _require(data, 'autoregressive_over_floor', 'number', where, fix)
@@ -148,6 +161,7 @@ def read_metrics(run: str, *, for_plot: bool = False, flag: str = '--curves') ->
   """(training rows, held-out rows) of a run's metrics.jsonl, each row checked for the fields the summary (and,
   `for_plot`, the figure) reads."""
   from layerskip_jax.train.metrics import METRICS_FILE, read_rows
+
   directory = pathlib.Path(run).expanduser()
   if directory.exists() and not directory.is_dir():
     raise UsageError(f'{flag}={run}: is a file; give training workdirs (directories holding {METRICS_FILE})')
@@ -171,12 +185,14 @@ def read_metrics(run: str, *, for_plot: bool = False, flag: str = '--curves') ->
       _require(row, 'exit_ce', 'list of numbers', where, fix)
       heldout.append(row)
   if for_plot and not train:
-    raise UsageError(f'{flag}={run}: {METRICS_FILE} has no training rows yet, so no curve to draw; give runs that '
-                     'have logged a step')
+    raise UsageError(
+      f'{flag}={run}: {METRICS_FILE} has no training rows yet, so no curve to draw; give runs that have logged a step'
+    )
   return train, heldout
 
 
 # --- the summary ----------------------------------------------------------------------------------------------
+
 
 def _fixed(value: float | None, digits: int) -> str:
   return '-' if value is None else f'{value:.{digits}f}'
@@ -185,15 +201,16 @@ def _fixed(value: float | None, digits: int) -> str:
 def exit_table(evaluation: dict) -> str:
   """Held-out perplexity, accuracy and agreement with the last exit at every exit (and the baseline's, if any)."""
   runs = [evaluation] + ([evaluation['compare']] if evaluation.get('compare') else [])
-  names = ['layerskip' if len(runs) > 1 else pathlib.Path(evaluation['ckpt']).name, 'baseline'][:len(runs)]
+  names = ['layerskip' if len(runs) > 1 else pathlib.Path(evaluation['ckpt']).name, 'baseline'][: len(runs)]
   head = f'{"exit":>4} ' + ' '.join(f'{n + " ppl":>15} {"acc":>5} {"agree":>5}' for n in names)
   if len(runs) > 1:
     head += f' {"ppl ratio":>9}'
   lines = [head]
   for i in range(len(evaluation['exit_ppl'])):
     row = f'{i + 1:>4} ' + ' '.join(
-        f'{_fixed(r["exit_ppl"][i], 2):>15} {_fixed(r["exit_accuracy"][i], 3):>5} '
-        f'{_fixed(r["exit_agreement"][i], 2):>5}' for r in runs)
+      f'{_fixed(r["exit_ppl"][i], 2):>15} {_fixed(r["exit_accuracy"][i], 3):>5} {_fixed(r["exit_agreement"][i], 2):>5}'
+      for r in runs
+    )
     if len(runs) > 1:
       ours, base = runs[0]['exit_ppl'][i], runs[1]['exit_ppl'][i]
       row += f' {base / ours:>8.2f}x' if ours and base is not None else f' {"-":>9}'
@@ -207,24 +224,32 @@ def speedup_lines(benchmark: dict) -> list[str]:
     if best:
       interval = best.get('speedup_interval')  # benchmarks before 2026-12 have none
       spread = f' [{interval[0]:.2f}, {interval[1]:.2f}]' if isinstance(interval, list) and len(interval) == 2 else ''
-      lines.append(f'self-speculative at batch {batch}: {best["speedup"]:.2f}x autoregressive{spread} '
-                   f'(E={best["exit_layer"]}, d={best["num_speculations"]}, acceptance '
-                   f'{_fixed(best["acceptance_rate"], 2)}, agreement with autoregressive {best["agreement"]:.2f})')
+      lines.append(
+        f'self-speculative at batch {batch}: {best["speedup"]:.2f}x autoregressive{spread} '
+        f'(E={best["exit_layer"]}, d={best["num_speculations"]}, acceptance '
+        f'{_fixed(best["acceptance_rate"], 2)}, agreement with autoregressive {best["agreement"]:.2f})'
+      )
   for batch, auto in (benchmark.get('auto') or {}).items():
     if isinstance(auto, dict) and isinstance(auto.get('speedup'), (int, float)):
-      lines.append(f'auto (E={auto.get("exit_layer")}, d={auto.get("num_speculations")}) at batch {batch}: '
-                   f'{auto["speedup"]:.2f}x autoregressive, {_fixed(auto.get("ratio_to_best"), 2)} of the best')
+      lines.append(
+        f'auto (E={auto.get("exit_layer")}, d={auto.get("num_speculations")}) at batch {batch}: '
+        f'{auto["speedup"]:.2f}x autoregressive, {_fixed(auto.get("ratio_to_best"), 2)} of the best'
+      )
   if 'autoregressive_over_floor' in benchmark:
-    lines.append(f'autoregressive: {benchmark["autoregressive_over_floor"]:.2f}x the weight-matmul floor '
-                 f'({benchmark["floor_ms_per_token"]:.3f} ms/token)')
+    lines.append(
+      f'autoregressive: {benchmark["autoregressive_over_floor"]:.2f}x the weight-matmul floor '
+      f'({benchmark["floor_ms_per_token"]:.3f} ms/token)'
+    )
   return lines
 
 
 def plot_curves(metrics: dict[str, tuple[list[dict], list[dict]]], path: str) -> None:
   """Draws {run: read_metrics(run, for_plot=True)} into a figure (the format its suffix names; none = PNG)."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, (by_step, by_time, held) = plt.subplots(1, 3, figsize=(16, 4.5))
   window = 1
   for run, (train, heldout) in metrics.items():
@@ -232,8 +257,8 @@ def plot_curves(metrics: dict[str, tuple[list[dict], list[dict]]], path: str) ->
     ce = np.asarray([np.nan if r['ce_last'] is None else r['ce_last'] for r in train], float)
     window = min(20, len(ce))
     smooth = np.convolve(ce, np.ones(window) / window, mode='valid')
-    steps = np.asarray([r['step'] for r in train])[window - 1:]
-    seconds = np.cumsum([r.get('step_time') or 0.0 for r in train])[window - 1:]
+    steps = np.asarray([r['step'] for r in train])[window - 1 :]
+    seconds = np.cumsum([r.get('step_time') or 0.0 for r in train])[window - 1 :]
     by_step.plot(steps, smooth, label=name)
     by_time.plot(seconds, smooth, label=name)
     for row in heldout[-1:]:
@@ -259,6 +284,7 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
   # Everything is read and checked before anything is printed or drawn.
   from layerskip_jax.checkpoint_dir import CHECKPOINTS_SUBDIR, RUN_FILES  # jax and Orbax: only when needed
   from layerskip_jax.config import CONFIG_FILE_NAME
+
   run_parts = [pathlib.Path(run) / name for run in runs for name in (CONFIG_FILE_NAME, CHECKPOINTS_SUBDIR, *RUN_FILES)]
   outputs.check_plot('--plot', f.plot, inputs={'--eval': f.eval, '--benchmark': f.benchmark, '--curves': run_parts})
   evaluation = read_eval(f.eval) if f.eval else None
@@ -269,7 +295,8 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
     line = f'{run}: {len(train)} steps in {seconds:.0f} s of step time'
     if heldout:
       line += f'; held-out CE per exit at step {heldout[-1]["step"]}: ' + ' '.join(
-          _fixed(c, 3) for c in heldout[-1]['exit_ce'])
+        _fixed(c, 3) for c in heldout[-1]['exit_ce']
+      )
     print(line)
   if f.plot:
     plot_curves(metrics, f.plot)
@@ -282,8 +309,10 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
     print(exit_table(evaluation))
     if 'layerwise' in evaluation:
       grid = evaluation['layerwise']
-      print(f'layer-wise: a token\'s prediction settles after {grid["mean_settle_exit"]:.2f} of '
-            f'{grid["num_layers"]} layers on average')
+      print(
+        f'layer-wise: a token\'s prediction settles after {grid["mean_settle_exit"]:.2f} of '
+        f'{grid["num_layers"]} layers on average'
+      )
   if benchmark is not None:
     for line in speedup_lines(benchmark):
       print(line)
@@ -292,12 +321,15 @@ def main(args: cli.Args, f: flags.FlagValues | None = None) -> None:
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command line's flags (defined only when it runs; tests define them on their own FlagValues)."""
   flags.DEFINE_string('eval', None, 'eval.json written by python -m layerskip_jax.evaluate', flag_values=flag_values)
-  flags.DEFINE_string('benchmark', None, 'benchmark.json written by python -m layerskip_jax.benchmark',
-                      flag_values=flag_values)
-  flags.DEFINE_list('curves', [], 'training workdirs whose metrics.jsonl to summarise (and plot with --plot)',
-                    flag_values=flag_values)
-  flags.DEFINE_string('plot', None, 'with --curves: draw the training curves into this PNG (or .pdf, .svg)',
-                      flag_values=flag_values)
+  flags.DEFINE_string(
+    'benchmark', None, 'benchmark.json written by python -m layerskip_jax.benchmark', flag_values=flag_values
+  )
+  flags.DEFINE_list(
+    'curves', [], 'training workdirs whose metrics.jsonl to summarise (and plot with --plot)', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'plot', None, 'with --curves: draw the training curves into this PNG (or .pdf, .svg)', flag_values=flag_values
+  )
 
 
 if __name__ == '__main__':

@@ -23,23 +23,23 @@ from layerskip_jax.errors import UsageError
 BATCH = ('data', 'fsdp')  # the batch is split over every data-parallel axis
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # parameters
-    ('layers', None),  # the stacked-layer axis is never sharded (the scan walks it)
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('q_heads', 'tensor'),  # flattened (heads * head_dim) output of the query projection
-    ('kv_heads', 'tensor'),  # flattened (kv_heads * head_dim) output of the key/value projections
-    ('mlp', 'tensor'),
-    ('norm', None),
-    # activations
-    ('act_batch', BATCH),
-    ('act_seq', None),
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_kv_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-    ('act_vocab', 'tensor'),
-    ('act_head_dim', None),
+  # parameters
+  ('layers', None),  # the stacked-layer axis is never sharded (the scan walks it)
+  ('vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('q_heads', 'tensor'),  # flattened (heads * head_dim) output of the query projection
+  ('kv_heads', 'tensor'),  # flattened (kv_heads * head_dim) output of the key/value projections
+  ('mlp', 'tensor'),
+  ('norm', None),
+  # activations
+  ('act_batch', BATCH),
+  ('act_seq', None),
+  ('act_embed', None),
+  ('act_heads', 'tensor'),
+  ('act_kv_heads', 'tensor'),
+  ('act_mlp', 'tensor'),
+  ('act_vocab', 'tensor'),
+  ('act_head_dim', None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
@@ -74,8 +74,10 @@ def _mesh_shape(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]
       raise UsageError(f'{what}: the fixed sizes {sizes} (product {fixed}) do not divide {total} devices')
     sizes = {k: (total // fixed if v == -1 else v) for k, v in sizes.items()}
   if math.prod(sizes.values()) != total:
-    raise UsageError(f'{what}: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {total} devices;'
-                     ' make them multiply to the device count or set one axis to -1')
+    raise UsageError(
+      f'{what}: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {total} devices;'
+      ' make them multiply to the device count or set one axis to -1'
+    )
   return tuple(sizes[a] for a in MESH_AXES)
 
 
@@ -86,12 +88,12 @@ def make_mesh(mesh_config: config_dict.ConfigDict | None = None, devices: Sequen
   order keeps fast interconnect inside each node (mesh_utils.create_hybrid_device_mesh).
   """
   devices = list(devices if devices is not None else jax.devices())
-  cfg = mesh_config or config_dict.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1,
-                                               'dcn_data': 1, 'dcn_fsdp': 1, 'dcn_tensor': 1})
+  cfg = mesh_config or config_dict.ConfigDict(
+    {'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1, 'dcn_tensor': 1}
+  )
   dcn_sizes = {a: cfg[f'dcn_{a}'] for a in MESH_AXES}
   num_groups = len({getattr(d, 'slice_index', d.process_index) for d in devices})
-  dcn = _mesh_shape(dcn_sizes, num_groups if -1 in dcn_sizes.values() else math.prod(dcn_sizes.values()),
-                    'mesh.dcn_*')
+  dcn = _mesh_shape(dcn_sizes, num_groups if -1 in dcn_sizes.values() else math.prod(dcn_sizes.values()), 'mesh.dcn_*')
   if len(devices) % math.prod(dcn):
     raise UsageError(f'mesh.dcn_*: sizes {dcn} do not divide {len(devices)} devices')
   ici = _mesh_shape({a: cfg[a] for a in MESH_AXES}, len(devices) // math.prod(dcn), 'mesh.data/fsdp/tensor')
@@ -112,9 +114,11 @@ def _is_variable(x) -> bool:
 
 def param_specs(state: nnx.State) -> nnx.State:
   """The PartitionSpec of every Variable in `state`, from its `logical_axes` metadata (none: replicated)."""
+
   def spec(v):
     names = v.get_metadata().get('logical_axes') if _is_variable(v) else None
     return v.replace(logical_to_spec(names) if names else PartitionSpec()) if _is_variable(v) else PartitionSpec()
+
   return jax.tree.map(spec, state, is_leaf=_is_variable)
 
 

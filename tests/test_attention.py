@@ -26,7 +26,7 @@ def packed_segments(rng: np.random.Generator, batch: int, seq: int, restart: boo
     rows.append(ids % 2 if restart else ids + 1)
   out = np.stack(rows).astype(np.int32)
   if not restart and batch > 1:
-    out[-1, -max(1, seq // 5):] = 0  # trailing padding
+    out[-1, -max(1, seq // 5) :] = 0  # trailing padding
   return out
 
 
@@ -58,21 +58,24 @@ def assert_matches_dense(fn, q, k, v, w, segment_ids, tol: float):
 # ------------------------------------------------------------------------------------------------------- blockwise
 
 CASES = [  # seq, heads, kv_heads, block_q, block_k, segments
-    (37, 4, 2, 16, 16, 'packed'),  # T not a multiple of the block (padded queries and keys)
-    (64, 4, 2, 16, 16, 'packed'),
-    (64, 4, 4, 16, 16, 'restart'),  # H == K; equal ids further apart are one document
-    (12, 4, 2, 16, 16, 'packed'),  # T smaller than the block
-    (37, 4, 2, 16, 8, 'packed'),  # unequal blocks: query blocks straddle key blocks
-    (37, 2, 1, 8, 24, 'restart'),  # key block larger than query block, T % block_k != 0; MQA
-    (48, 4, 2, 16, 16, None),  # no segment ids: causal only
+  (37, 4, 2, 16, 16, 'packed'),  # T not a multiple of the block (padded queries and keys)
+  (64, 4, 2, 16, 16, 'packed'),
+  (64, 4, 4, 16, 16, 'restart'),  # H == K; equal ids further apart are one document
+  (12, 4, 2, 16, 16, 'packed'),  # T smaller than the block
+  (37, 4, 2, 16, 8, 'packed'),  # unequal blocks: query blocks straddle key blocks
+  (37, 2, 1, 8, 24, 'restart'),  # key block larger than query block, T % block_k != 0; MQA
+  (48, 4, 2, 16, 16, None),  # no segment ids: causal only
 ]
 
 
 @pytest.mark.parametrize('seq,heads,kv_heads,block_q,block_k,segments', CASES)
 def test_blockwise_matches_dense_float32(seq, heads, kv_heads, block_q, block_k, segments):
   q, k, v, w = make_inputs(seq + block_q, 2, seq, heads, kv_heads, 16)
-  seg = None if segments is None else jnp.asarray(
-      packed_segments(np.random.default_rng(seq), 2, seq, restart=segments == 'restart'))
+  seg = (
+    None
+    if segments is None
+    else jnp.asarray(packed_segments(np.random.default_rng(seq), 2, seq, restart=segments == 'restart'))
+  )
   fn = lambda q, k, v: attn.blockwise_attention(q, k, v, seg, block_q=block_q, block_k=block_k)
   assert_matches_dense(fn, q, k, v, w, seg, tol=1e-5)
 
@@ -185,24 +188,40 @@ def test_kernel_shape_errors():
 # ---------------------------------------------------------------------------------------------------- resolve_impl
 
 
-@pytest.mark.parametrize('backend,dtype,expected', [
-    ('gpu', jnp.bfloat16, 'cudnn'), ('gpu', jnp.float16, 'cudnn'), ('cuda', 'bfloat16', 'cudnn'),
-    ('gpu', jnp.float32, 'blockwise'), ('tpu', jnp.bfloat16, 'splash'), ('tpu', jnp.float32, 'splash'),
-    ('cpu', jnp.float32, 'blockwise'), ('cpu', jnp.bfloat16, 'blockwise'),
-])
+@pytest.mark.parametrize(
+  'backend,dtype,expected',
+  [
+    ('gpu', jnp.bfloat16, 'cudnn'),
+    ('gpu', jnp.float16, 'cudnn'),
+    ('cuda', 'bfloat16', 'cudnn'),
+    ('gpu', jnp.float32, 'blockwise'),
+    ('tpu', jnp.bfloat16, 'splash'),
+    ('tpu', jnp.float32, 'splash'),
+    ('cpu', jnp.float32, 'blockwise'),
+    ('cpu', jnp.bfloat16, 'blockwise'),
+  ],
+)
 def test_resolve_auto(backend, dtype, expected):
   assert attn.resolve_impl('auto', backend, dtype) == expected
 
 
-@pytest.mark.parametrize('impl,backend,dtype', [
-    ('xla', 'cpu', jnp.float32), ('blockwise', 'tpu', jnp.bfloat16), ('cudnn', 'gpu', jnp.bfloat16),
-    ('pallas_gpu', 'gpu', jnp.float32), ('splash', 'tpu', jnp.float32),
-])
+@pytest.mark.parametrize(
+  'impl,backend,dtype',
+  [
+    ('xla', 'cpu', jnp.float32),
+    ('blockwise', 'tpu', jnp.bfloat16),
+    ('cudnn', 'gpu', jnp.bfloat16),
+    ('pallas_gpu', 'gpu', jnp.float32),
+    ('splash', 'tpu', jnp.float32),
+  ],
+)
 def test_resolve_valid(impl, backend, dtype):
   assert attn.resolve_impl(impl, backend, dtype) == impl
 
 
-@pytest.mark.parametrize('impl,backend,dtype,hint', [
+@pytest.mark.parametrize(
+  'impl,backend,dtype,hint',
+  [
     ('cudnn', 'gpu', jnp.float32, 'bfloat16'),
     ('cudnn', 'cpu', jnp.bfloat16, 'needs a GPU'),
     ('cudnn', 'tpu', jnp.bfloat16, 'needs a GPU'),
@@ -211,7 +230,8 @@ def test_resolve_valid(impl, backend, dtype):
     ('splash', 'cpu', jnp.float32, 'needs a TPU'),
     ('splash', 'gpu', jnp.bfloat16, 'needs a TPU'),
     ('flash', 'gpu', jnp.bfloat16, 'must be one of'),
-])
+  ],
+)
 def test_resolve_rejects(impl, backend, dtype, hint):
   with pytest.raises(ValueError) as info:
     attn.resolve_impl(impl, backend, dtype)

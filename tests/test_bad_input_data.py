@@ -25,8 +25,13 @@ def _tree(path: pathlib.Path) -> dict:
 
 
 def _command(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', f'layerskip_jax.data.{module}', *map(str, args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', f'layerskip_jax.data.{module}', *map(str, args)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -80,6 +85,7 @@ def _jsonl(path: pathlib.Path, bad: bytes | str | None = None, at: int = 4, reco
 
 # --- tokenizer train -----------------------------------------------------------------------------------------------
 
+
 def test_vocab_below_the_absolute_minimum_is_refused_before_reading(tmp_path):
   with pytest.raises(UsageError, match=rf'^--vocab_size=260: must be at least {tokenizer_lib.MIN_VOCAB} '):
     tokenizer_lib.train_sentencepiece('/nonexistent/source', 260, tmp_path / 't.model')
@@ -92,17 +98,26 @@ def test_minimum_vocab_is_261_for_a_one_character_text(tmp_path):
   source = tmp_path / 'a.txt'
   assert tokenizer_lib.load(tokenizer_lib.train_sentencepiece(str(source), 261, tmp_path / 'a.model')).vocab_size == 261
   (tmp_path / 'b.txt').write_text('ab\n' * 20)
-  with pytest.raises(UsageError, match=r'^--vocab_size=261: too small for --source=.*b\.txt: its text has 3 distinct '
-                                       r'characters, .* need at least 262; set --vocab_size to 262 or more$'):
+  with pytest.raises(
+    UsageError,
+    match=r'^--vocab_size=261: too small for --source=.*b\.txt: its text has 3 distinct '
+    r'characters, .* need at least 262; set --vocab_size to 262 or more$',
+  ):
     tokenizer_lib.train_sentencepiece(str(tmp_path / 'b.txt'), 261, tmp_path / 'b.model')
 
 
 def test_vocab_too_small_or_too_large_for_the_source_names_the_bound(tmp_path, corpus):
-  with pytest.raises(UsageError, match=r'^--vocab_size=262: too small for --source=.*: its text has \d+ distinct '
-                                       r'characters, .* need at least (\d+); set --vocab_size to \1 or more$'):
+  with pytest.raises(
+    UsageError,
+    match=r'^--vocab_size=262: too small for --source=.*: its text has \d+ distinct '
+    r'characters, .* need at least (\d+); set --vocab_size to \1 or more$',
+  ):
     tokenizer_lib.train_sentencepiece(str(corpus), 262, tmp_path / 't.model')
-  with pytest.raises(UsageError, match=r'^--vocab_size=60000: too large for --source=.*: its text \(\d+ lines\) yields '
-                                       r'at most (\d+) pieces; give more text or set --vocab_size to \1 or less$'):
+  with pytest.raises(
+    UsageError,
+    match=r'^--vocab_size=60000: too large for --source=.*: its text \(\d+ lines\) yields '
+    r'at most (\d+) pieces; give more text or set --vocab_size to \1 or less$',
+  ):
     tokenizer_lib.train_sentencepiece(str(corpus), 60000, tmp_path / 't.model')
   assert list(tmp_path.iterdir()) == []  # no model, no temporary file
 
@@ -116,15 +131,21 @@ def test_failed_training_keeps_the_previous_model(tmp_path, corpus, tok):
 
 
 def test_source_without_text(tmp_path, binary_dir):
-  with pytest.raises(UsageError, match=r'^--source=.*: no text to use: 4 files, all skipped \(3 binary, 1 not UTF-8; '
-                                       r'first: .*blob0\.bin\); give UTF-8 text files$'):
+  with pytest.raises(
+    UsageError,
+    match=r'^--source=.*: no text to use: 4 files, all skipped \(3 binary, 1 not UTF-8; '
+    r'first: .*blob0\.bin\); give UTF-8 text files$',
+  ):
     tokenizer_lib.train_sentencepiece(str(binary_dir), VOCAB, tmp_path / 't.model')
   empty = tmp_path / 'empty'
   empty.mkdir()
   for name in 'abc':
     (empty / f'{name}.py').write_text('')
-  with pytest.raises(UsageError, match=r'^--source=.*empty: no text to use: \d files, all empty; give files with '
-                                       r'text$'):
+  with pytest.raises(
+    UsageError,
+    match=r'^--source=.*empty: no text to use: \d files, all empty; give files with '
+    r'text$',
+  ):
     tokenizer_lib.train_sentencepiece(str(empty), VOCAB, tmp_path / 't.model')
   blank = tmp_path / 'blank.jsonl'
   blank.write_text('\n'.join(json.dumps({'text': '   \n\n'}) for _ in range(30)) + '\n')
@@ -145,10 +166,10 @@ def test_an_error_of_the_source_is_not_hidden_by_sentencepiece(tmp_path):
 def test_tokenizer_out_is_checked_before_any_work(tmp_path, corpus, where):
   before = _tree(corpus)
   spec, out, message = {
-      'inside': (str(corpus), corpus / 'tok.model', r'is inside the input --source='),
-      'glob': (str(corpus / '*.py'), corpus / 'tok.py', r'matches the input --source='),
-      'directory': (str(corpus), tmp_path, r'is a directory; give a file path'),
-      'the source file': (str(next(corpus.iterdir())), next(corpus.iterdir()), r'is the same path as the input'),
+    'inside': (str(corpus), corpus / 'tok.model', r'is inside the input --source='),
+    'glob': (str(corpus / '*.py'), corpus / 'tok.py', r'matches the input --source='),
+    'directory': (str(corpus), tmp_path, r'is a directory; give a file path'),
+    'the source file': (str(next(corpus.iterdir())), next(corpus.iterdir()), r'is the same path as the input'),
   }[where]
   with pytest.raises(UsageError, match=rf'^--out={out}: {message}'):
     tokenizer_lib.train_sentencepiece(spec, VOCAB, out)
@@ -157,29 +178,42 @@ def test_tokenizer_out_is_checked_before_any_work(tmp_path, corpus, where):
 
 def test_a_glob_source_protects_what_it_matches_not_its_directory(corpus):
   from layerskip_jax.data.sources import check_outside
+
   spec = str(corpus / '*.py')
   check_outside('--out', corpus / 'tok.model', '--source', spec, 'x')  # the pattern never reads it
-  for out, relation in ((corpus / 'new.py', 'matches'), (next(corpus.glob('*.py')), 'matches'),
-                        (corpus, 'is a parent of')):
+  for out, relation in (
+    (corpus / 'new.py', 'matches'),
+    (next(corpus.glob('*.py')), 'matches'),
+    (corpus, 'is a parent of'),
+  ):
     with pytest.raises(UsageError, match=f'--out={out}: {relation} the input --source='):
       check_outside('--out', out, '--source', spec, 'x')
 
 
 def test_tokenizer_command_lines(tmp_path, binary_dir, corpus):
   out = tmp_path / 'tok.model'
-  _one_error_line(_command('tokenizer', 'train', '--source', binary_dir, '--out', out, '--vocab_size', VOCAB),
-                  f'--source={binary_dir}: no text to use', 'all skipped (3 binary, 1 not UTF-8')
-  _one_error_line(_command('tokenizer', 'train', '--source', corpus, '--out', corpus / 'tok.model'),
-                  f'--out={corpus / "tok.model"}: is inside the input --source={corpus}')
-  _one_error_line(_command('tokenizer', 'train', '--source', corpus, '--out', out, '--vocab_size', 100),
-                  '--vocab_size=100: must be at least 261')
+  _one_error_line(
+    _command('tokenizer', 'train', '--source', binary_dir, '--out', out, '--vocab_size', VOCAB),
+    f'--source={binary_dir}: no text to use',
+    'all skipped (3 binary, 1 not UTF-8',
+  )
+  _one_error_line(
+    _command('tokenizer', 'train', '--source', corpus, '--out', corpus / 'tok.model'),
+    f'--out={corpus / "tok.model"}: is inside the input --source={corpus}',
+  )
+  _one_error_line(
+    _command('tokenizer', 'train', '--source', corpus, '--out', out, '--vocab_size', 100),
+    '--vocab_size=100: must be at least 261',
+  )
   assert list(tmp_path.iterdir()) == [] and not (corpus / 'tok.model').exists()
 
 
 # --- tokenizer files -----------------------------------------------------------------------------------------------
 
+
 def _hf_tokenizer(directory: pathlib.Path) -> pathlib.Path:
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   t = Tokenizer(models.WordLevel({'<unk>': 0, '<s>': 1, '</s>': 2, 'a': 3}, unk_token='<unk>'))
   t.pre_tokenizer = pre_tokenizers.Whitespace()
   directory.mkdir(exist_ok=True)
@@ -187,17 +221,21 @@ def _hf_tokenizer(directory: pathlib.Path) -> pathlib.Path:
   return directory / 'tokenizer.json'
 
 
-@pytest.mark.parametrize('name,content,message', [
+@pytest.mark.parametrize(
+  'name,content,message',
+  [
     ('text.model', b'hello, I am not a model\n', 'not a sentencepiece model: truncated, corrupt or another format'),
     ('empty.model', b'', 'not a sentencepiece model: truncated, corrupt or another format'),
     ('truncated.model', None, 'not a sentencepiece model: truncated, corrupt or another format'),
     ('other.json', b'{"vocab": [1, 2]}', 'not a Hugging Face tokenizer.json'),
     ('truncated.json', b'{"version": "1.0", "model": {', 'truncated or not JSON'),
     ('binary.json', b'\xff\xfe\x00\x01', 'not JSON text'),
-], ids=['text as .model', 'empty .model', 'truncated .model', 'other JSON', 'truncated JSON', 'binary .json'])
+  ],
+  ids=['text as .model', 'empty .model', 'truncated .model', 'other JSON', 'truncated JSON', 'binary .json'],
+)
 def test_corrupt_tokenizer_file_is_one_error_naming_it(tmp_path, tok, name, content, message):
   path = tmp_path / name
-  path.write_bytes(tok.read_bytes()[:len(tok.read_bytes()) // 2] if content is None else content)
+  path.write_bytes(tok.read_bytes()[: len(tok.read_bytes()) // 2] if content is None else content)
   with pytest.raises(UsageError, match=rf'^--tokenizer={path}: {message}') as e:
     tokenizer_lib.load(path, flag='--tokenizer')
   assert '\n' not in str(e.value)
@@ -225,12 +263,16 @@ def test_corrupt_files_beside_a_tokenizer_json(tmp_path, tok):
 
 # --- prepare: --out ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('where,relation', [
+
+@pytest.mark.parametrize(
+  'where,relation',
+  [
     ('source', 'the same path as the input --source='),
     ('source/shards', 'inside the input --source='),
     ('parent', 'a parent of the input --source='),
     ('tokenizer', 'the same path as the input --tokenizer='),
-])
+  ],
+)
 def test_prepare_out_is_never_an_input(tmp_path, tok, where, relation):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
@@ -266,20 +308,40 @@ def test_prepare_removes_what_killed_runs_left(tmp_path, corpus, tok):
 
 # --- prepare: sources and tokenizer --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('bad,message', [
-    ('{"prompt": "x", ', r'not valid JSON \(Expecting property name enclosed in double quotes: column 17\); fix or '
-                         r'delete the line$'),
+
+@pytest.mark.parametrize(
+  'bad,message',
+  [
+    (
+      '{"prompt": "x", ',
+      r'not valid JSON \(Expecting property name enclosed in double quotes: column 17\); fix or '
+      r'delete the line$',
+    ),
     (b'{"text": "caf\xe9"}', r'not UTF-8 \(byte 0xe9 at byte 14 of the line\); save the file as UTF-8$'),
     ('{"text": 5}', r'expected a JSON object .* or "text" \(pretraining\), got "text": a number; fix or delete the'),
     ('["a", "b"]', r'expected a JSON object .*, got a list; '),
     ('"just a string"', r'expected a JSON object .*, got a string; '),
-    ('{"question": "q", "answer": "a"}', r'expected a JSON object .*, got an object with the keys "question", '
-                                         r'"answer"; '),
+    (
+      '{"question": "q", "answer": "a"}',
+      r'expected a JSON object .*, got an object with the keys "question", '
+      r'"answer"; ',
+    ),
     ('{"prompt": "p"}', r'expected a JSON object .*, got no "completion"; '),
     ('{"prompt": "p", "completion": null}', r'expected a JSON object .*, got "completion": null; '),
     ('{}', r'expected a JSON object .*, got an empty object; '),
-], ids=['invalid JSON', 'invalid UTF-8', 'text a number', 'list', 'string', 'other keys', 'no completion',
-        'null completion', 'empty object'])
+  ],
+  ids=[
+    'invalid JSON',
+    'invalid UTF-8',
+    'text a number',
+    'list',
+    'string',
+    'other keys',
+    'no completion',
+    'null completion',
+    'empty object',
+  ],
+)
 def test_bad_jsonl_line_names_file_and_line(tmp_path, tok, bad, message):
   path = _jsonl(tmp_path / 'ft.jsonl', bad, at=7)
   with pytest.raises(UsageError, match=rf'^{path}:7: {message}'):
@@ -301,8 +363,11 @@ def test_jsonl_without_records_in_the_split(tmp_path, tok):
   with pytest.raises(UsageError, match=r'^--source=.*empty\.jsonl: no text to use: the file has no records; add'):
     prepare_lib.prepare(str(empty), tok, tmp_path / 'out', workers=1, progress=False)
   one = _jsonl(tmp_path / 'one.jsonl', records=1)
-  with pytest.raises(UsageError, match=r"^--source=.*one\.jsonl: no text to use: none of its 1 records falls in the "
-                                       r"'heldout' split"):
+  with pytest.raises(
+    UsageError,
+    match=r"^--source=.*one\.jsonl: no text to use: none of its 1 records falls in the "
+    r"'heldout' split",
+  ):
     prepare_lib.prepare(str(one), tok, tmp_path / 'out', split='heldout', workers=1, progress=False)
   assert not (tmp_path / 'out').exists()
 
@@ -311,19 +376,27 @@ def test_prepare_command_lines(tmp_path, tok, binary_dir, corpus):
   """The one-line contract where it matters: binary source (no progress bar, no warning per file), a truncated
   tokenizer, a bad JSONL line read by the worker pool's feeder thread."""
   out = tmp_path / 'out'
-  _one_error_line(_command('prepare', '--source', binary_dir, '--tokenizer', tok, '--out', out),
-                  f'--source={binary_dir}: no text to use: 4 files, all skipped')
+  _one_error_line(
+    _command('prepare', '--source', binary_dir, '--tokenizer', tok, '--out', out),
+    f'--source={binary_dir}: no text to use: 4 files, all skipped',
+  )
   truncated = tmp_path / 'truncated.model'
   truncated.write_bytes(tok.read_bytes()[:3000])
-  _one_error_line(_command('prepare', '--source', corpus, '--tokenizer', truncated, '--out', out),
-                  f'--tokenizer={truncated}: not a sentencepiece model')
+  _one_error_line(
+    _command('prepare', '--source', corpus, '--tokenizer', truncated, '--out', out),
+    f'--tokenizer={truncated}: not a sentencepiece model',
+  )
   jsonl = _jsonl(tmp_path / 'ft.jsonl', '[1, 2]', at=25, records=200)
-  _one_error_line(_command('prepare', '--source', jsonl, '--tokenizer', tok, '--out', out, '--workers', 2),
-                  f'{jsonl}:25: expected a JSON object', 'got a list')
+  _one_error_line(
+    _command('prepare', '--source', jsonl, '--tokenizer', tok, '--out', out, '--workers', 2),
+    f'{jsonl}:25: expected a JSON object',
+    'got a list',
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ft.jsonl', 'truncated.model']
 
 
 # --- prepared shards -----------------------------------------------------------------------------------------------
+
 
 def _damage_manifest(d: pathlib.Path, how: str) -> str:
   manifest = json.loads((d / 'manifest.json').read_text())
@@ -379,8 +452,9 @@ def _damage_shard(d: pathlib.Path, how: str) -> str:
   raise ValueError(how)
 
 
-@pytest.mark.parametrize('how', ['missing shard', 'truncated shard', 'tiny shard', 'truncated lengths',
-                                 'wrong lengths', 'pickled lengths'])
+@pytest.mark.parametrize(
+  'how', ['missing shard', 'truncated shard', 'tiny shard', 'truncated lengths', 'wrong lengths', 'pickled lengths']
+)
 def test_damaged_shard_is_one_error_naming_it(shards, corpus, tok, how):
   assert len(prepare_lib.read_manifest(shards)['shards']) >= 2
   message = _damage_shard(shards, how)
@@ -406,8 +480,11 @@ def test_record_damaged_after_the_check_names_its_shard(shards):
 
 def test_prepare_command_line_on_damaged_shards(shards, corpus, tok):
   (shards / 'manifest.json').write_text('{"format": "layerskip_jax.tokens.v1", "sour')
-  _one_error_line(_command('prepare', '--source', corpus, '--tokenizer', tok, '--out', shards),
-                  f'{shards}/manifest.json: truncated or not JSON', f'delete {shards} and prepare it again')
+  _one_error_line(
+    _command('prepare', '--source', corpus, '--tokenizer', tok, '--out', shards),
+    f'{shards}/manifest.json: truncated or not JSON',
+    f'delete {shards} and prepare it again',
+  )
 
 
 def test_unreadable_list_file(tmp_path):
@@ -431,10 +508,29 @@ def test_a_corpus_smaller_than_one_global_batch_is_refused_before_compiling(tmp_
   prepare_lib.prepare(str(small / 'src'), tok, out, workers=1, progress=False)
   chunks = len(loader.ChunkSource(prepare_lib.shard_files(out)[0], 64))
   workdir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir),
-                           f'--config.data.source={out}', f'--config.data.tokenizer={tok}', '--config.train.seq_len=64',
-                           '--config.train.batch_size=8', '--config.logging.progress_bar=false'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-  _one_error_line(result, f'{out}: holds {chunks} chunks of at most 64 tokens, fewer than one global batch of 8 rows; '
-                  'use a larger corpus or a smaller train.batch_size')
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.train',
+      '--config',
+      'tiny',
+      '--workdir',
+      str(workdir),
+      f'--config.data.source={out}',
+      f'--config.data.tokenizer={tok}',
+      '--config.train.seq_len=64',
+      '--config.train.batch_size=8',
+      '--config.logging.progress_bar=false',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  _one_error_line(
+    result,
+    f'{out}: holds {chunks} chunks of at most 64 tokens, fewer than one global batch of 8 rows; '
+    'use a larger corpus or a smaller train.batch_size',
+  )
   assert 'compiled' not in result.stdout and not workdir.exists()

@@ -13,10 +13,24 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.inference import calibrate
 from layerskip_jax.model import ModelConfig, create
 
-CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=256)
-OVERRIDES = {'model.num_hidden_layers': 4, 'model.hidden_size': 64, 'model.num_attention_heads': 4,
-             'model.intermediate_size': 96, 'model.vocab_size': 128, 'model.max_position_embeddings': 256}
+CONFIG = ModelConfig(
+  vocab_size=128,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  initializer_range=0.3,
+  max_position_embeddings=256,
+)
+OVERRIDES = {
+  'model.num_hidden_layers': 4,
+  'model.hidden_size': 64,
+  'model.num_attention_heads': 4,
+  'model.intermediate_size': 96,
+  'model.vocab_size': 128,
+  'model.max_position_embeddings': 256,
+}
 
 
 def _loaded(config: ModelConfig = CONFIG, seed: int = 0) -> api.LoadedModel:
@@ -43,7 +57,7 @@ def test_teacher_forced_agreement_equals_each_exit_on_its_own(lm):
   prompts, continuations = rows[:2], [list(range(5, 15)), list(range(30, 37))]
   agree = calibrate.agreement(lm.model, prompts, continuations)
   for prompt, continuation, a in zip(prompts, continuations, agree):
-    full = calibrate.exit_argmax(lm.model, [prompt + continuation])[0][:, len(prompt):]
+    full = calibrate.exit_argmax(lm.model, [prompt + continuation])[0][:, len(prompt) :]
     np.testing.assert_array_equal(a, full == full[-1])
     assert a.shape == (CONFIG.num_hidden_layers, len(continuation)) and a[-1].all()
 
@@ -69,8 +83,9 @@ def test_replayed_rounds_are_the_decoders(lm):
   checked_acceptance = False
   for e in range(1, CONFIG.num_hidden_layers):
     for d in (1, 3, 6):
-      result = lm.generate(prompts, strategy='self_speculative', exit_layer=e, num_speculations=d,
-                           max_new_tokens=max_new)
+      result = lm.generate(
+        prompts, strategy='self_speculative', exit_layer=e, num_speculations=d, max_new_tokens=max_new
+      )
       assert result.tokens == reference.tokens, (e, d)
       replayed = calibrate.replay([r[e - 1] for r in runs], lengths, d, max_new)
       rows = result.stats['rows']
@@ -86,12 +101,12 @@ def test_replayed_rounds_are_the_decoders(lm):
 
 def test_choose(lm):
   lines = []
-  choice = calibrate.choose(lm, _prompts(2, seed=3), max_new_tokens=12, num_speculations=[1, 2, 4],
-                            log=lines.append)
+  choice = calibrate.choose(lm, _prompts(2, seed=3), max_new_tokens=12, num_speculations=[1, 2, 4], log=lines.append)
   assert 1 <= choice.exit_layer < CONFIG.num_hidden_layers and choice.num_speculations in (1, 2, 4)
   assert choice.confidence_threshold == 0.0 and choice.predicted_ms_per_token > 0
-  label = f'E={choice.exit_layer} d={choice.num_speculations}' + (' with an adaptive threshold' if
-                                                                  choice.adapt_threshold else '')
+  label = f'E={choice.exit_layer} d={choice.num_speculations}' + (
+    ' with an adaptive threshold' if choice.adapt_threshold else ''
+  )
   assert choice.reason.startswith(f'{label}: exit {choice.exit_layer} agrees with the last exit on ')
   assert 'ms/token modelled' in choice.reason and 'measured' in choice.reason and '\n' not in choice.reason
   assert len(lines) == 2 and lines[0].startswith('auto: calibrating') and lines[1] == f'auto: {choice.reason}'
@@ -99,7 +114,8 @@ def test_choose(lm):
   adaptive = [r for r in choice.table if r['adapt_threshold']]  # the fastest (E, d) again, adaptive: measured
   assert len(adaptive) == 1 and adaptive[0]['measured_ms_per_token'] is not None
   assert len(table) == 3 * 3 and {(r['exit_layer'], r['num_speculations']) for r in table} == {
-      (e, d) for e in (1, 2, 3) for d in (1, 2, 4)}
+    (e, d) for e in (1, 2, 3) for d in (1, 2, 4)
+  }
   modelled = [r['modelled_ms_per_token'] for r in table]
   assert modelled == sorted(modelled) and all(m > 0 for m in modelled)
   measured = [r for r in table if r['measured_ms_per_token'] is not None]
@@ -112,8 +128,9 @@ def test_choose(lm):
     assert 0 <= r['expected_accepted'] <= r['num_speculations'] and 0 <= r['agreement'] <= 1
     assert r['refitted_ms_per_token'] > 0
   # one value given: that one is fixed; refine=0: the model alone (no self-speculative run)
-  fixed = calibrate.choose(lm, _prompts(2, seed=3), max_new_tokens=12, exit_layers=[2], num_speculations=[3],
-                           refine=0, log=None)
+  fixed = calibrate.choose(
+    lm, _prompts(2, seed=3), max_new_tokens=12, exit_layers=[2], num_speculations=[3], refine=0, log=None
+  )
   assert (fixed.exit_layer, fixed.num_speculations) == (2, 3) and fixed.table[0]['measured_ms_per_token'] is None
   assert 'measured' not in fixed.reason
 
@@ -144,12 +161,24 @@ def test_api_auto_generates_what_autoregressive_does(lm):
   prompts = _prompts(2, seed=4)
   reference = lm.generate(prompts, strategy='autoregressive', max_new_tokens=16)
   lines = []
-  result = lm.generate(prompts, strategy='self_speculative', exit_layer='auto', num_speculations='auto',
-                       max_new_tokens=16, calibration_log=lines.append)
+  result = lm.generate(
+    prompts,
+    strategy='self_speculative',
+    exit_layer='auto',
+    num_speculations='auto',
+    max_new_tokens=16,
+    calibration_log=lines.append,
+  )
   assert result.tokens == reference.tokens
   auto = result.stats['auto']
-  assert set(auto) == {'exit_layer', 'num_speculations', 'confidence_threshold', 'adapt_threshold', 'reason',
-                       'predicted_ms_per_token'}
+  assert set(auto) == {
+    'exit_layer',
+    'num_speculations',
+    'confidence_threshold',
+    'adapt_threshold',
+    'reason',
+    'predicted_ms_per_token',
+  }
   assert 1 <= auto['exit_layer'] <= 3 and 1 <= auto['num_speculations'] <= 8
   label = f'E={auto["exit_layer"]} d={auto["num_speculations"]}'
   assert auto['reason'].startswith(label + (' with an adaptive threshold: ' if auto['adapt_threshold'] else ': '))
@@ -163,16 +192,26 @@ def test_api_auto_generates_what_autoregressive_does(lm):
   assert fixed_d.stats['auto']['num_speculations'] == d and fixed_d.tokens == reference.tokens
 
 
-@pytest.mark.parametrize('kwargs,message', [
-    (dict(strategy='early_exit', exit_layer='auto'), r"^exit_layer=auto: chooses E and d for "
-                                                     r"strategy='self_speculative', not 'early_exit'"),
+@pytest.mark.parametrize(
+  'kwargs,message',
+  [
+    (
+      dict(strategy='early_exit', exit_layer='auto'),
+      r"^exit_layer=auto: chooses E and d for "
+      r"strategy='self_speculative', not 'early_exit'",
+    ),
     (dict(strategy='self_speculative', exit_layer='abc'), r"^exit_layer='abc': must be an integer or 'auto'$"),
-    (dict(strategy='self_speculative', exit_layer='auto', num_speculations=0),
-     r'^num_speculations=0: must be at least 1$'),
+    (
+      dict(strategy='self_speculative', exit_layer='auto', num_speculations=0),
+      r'^num_speculations=0: must be at least 1$',
+    ),
     (dict(strategy='self_speculative', exit_layer='auto', top_p=2.0), r'^top_p=2.0: must be in \(0, 1\]'),
-    (dict(strategy='self_speculative', exit_layer='auto', max_new_tokens=1),
-     r'^max_new_tokens=1: exit_layer=auto calibrates on at least 2 new tokens'),
-])
+    (
+      dict(strategy='self_speculative', exit_layer='auto', max_new_tokens=1),
+      r'^max_new_tokens=1: exit_layer=auto calibrates on at least 2 new tokens',
+    ),
+  ],
+)
 def test_api_bad_input(lm, kwargs, message):
   with pytest.raises(UsageError, match=message):
     lm.generate([[1, 2, 3]], **kwargs)
@@ -189,7 +228,9 @@ def test_one_layer_model():
   assert str(error.value) == f'exit_layer=auto: {rule}'
 
 
-@pytest.mark.parametrize('kwargs,message', [
+@pytest.mark.parametrize(
+  'kwargs,message',
+  [
     (dict(exit_layers=[4]), r'^exit_layers: 4 is out of range: must be 1\.\.3'),
     (dict(exit_layers=[]), r'^exit_layers: empty'),
     (dict(num_speculations=[0]), r'^num_speculations: 0 is out of range: must be at least 1$'),
@@ -199,7 +240,8 @@ def test_one_layer_model():
     (dict(prompts=[[1, 500]]), r'^prompts\[0\]: token ids must lie in \[0, 128\)$'),
     (dict(prompts=['text']), r'text needs a tokenizer'),
     (dict(max_new_tokens=250), r"^max_new_tokens=250: .* exceeds the model's max_position_embeddings=256"),
-])
+  ],
+)
 def test_choose_bad_input(lm, kwargs, message):
   prompts = kwargs.pop('prompts', [[1, 2, 3], [4, 5]])
   with pytest.raises(UsageError, match=message):
@@ -207,6 +249,7 @@ def test_choose_bad_input(lm, kwargs, message):
 
 
 # --- the generate command --------------------------------------------------------------------------------------
+
 
 def _checkpoint(path, **overrides):
   config = config_lib.load('tiny', {**OVERRIDES, **overrides})
@@ -227,35 +270,69 @@ def _main(*argv):
 
 
 def test_command_line_auto(ckpt, capsys):
-  _main('--ckpt', ckpt, '--prompt', '1 5 9 20', '--strategy', 'self_speculative', '--exit_layer', 'auto',
-        '--num_speculations', 'auto', '--max_new_tokens', '10')
+  _main(
+    '--ckpt',
+    ckpt,
+    '--prompt',
+    '1 5 9 20',
+    '--strategy',
+    'self_speculative',
+    '--exit_layer',
+    'auto',
+    '--num_speculations',
+    'auto',
+    '--max_new_tokens',
+    '10',
+  )
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 4, lines
   assert lines[0].startswith('[auto: calibrating E and d on 1 prompt x 10 tokens (batch 1): 3 E x 8 d]')
   assert lines[1].startswith('[auto: E=') and lines[1].endswith(']') and 'ms/token' in lines[1]
   assert len(lines[2].split()) == 10 and lines[3].startswith('[10 tokens, ') and 'acceptance' in lines[3]
-  _main('--ckpt', ckpt, '--prompt', '1 5 9 20', '--strategy', 'self_speculative', '--exit_layer', '2',
-        '--num_speculations', '3', '--max_new_tokens', '10')
+  _main(
+    '--ckpt',
+    ckpt,
+    '--prompt',
+    '1 5 9 20',
+    '--strategy',
+    'self_speculative',
+    '--exit_layer',
+    '2',
+    '--num_speculations',
+    '3',
+    '--max_new_tokens',
+    '10',
+  )
   plain = capsys.readouterr().out.splitlines()
   assert len(plain) == 2 and plain[0] == lines[2]  # without auto: the text and the summary, as before
 
 
-@pytest.mark.parametrize('extra,match', [
+@pytest.mark.parametrize(
+  'extra,match',
+  [
     (['--exit_layer', 'abc'], r'^--exit_layer=abc: must be an integer or auto$'),
     (['--num_speculations', '2.5'], r'^--num_speculations=2.5: must be an integer or auto$'),
-    (['--strategy', 'early_exit', '--exit_layer', 'auto'],
-     r'^--exit_layer=auto: chooses E and d for --strategy=self_speculative, not early_exit'),
-    (['--strategy', 'autoregressive', '--num_speculations', 'auto'],
-     r'^--num_speculations=auto: chooses E and d for --strategy=self_speculative, not autoregressive'),
+    (
+      ['--strategy', 'early_exit', '--exit_layer', 'auto'],
+      r'^--exit_layer=auto: chooses E and d for --strategy=self_speculative, not early_exit',
+    ),
+    (
+      ['--strategy', 'autoregressive', '--num_speculations', 'auto'],
+      r'^--num_speculations=auto: chooses E and d for --strategy=self_speculative, not autoregressive',
+    ),
     (['--exit_layer', 'auto', '--num_speculations', '0'], r'^--num_speculations=0: must be at least 1$'),
     (['--exit_layer', 'auto', '--top_p', '1.5'], r'^--top_p=1.5: must be in \(0, 1\]'),
     (['--exit_layer', '4'], r'^--exit_layer=4: must be in 1\.\.3 for --strategy=self_speculative'),
-    (['--exit_layer', 'auto', '--max_new_tokens', '1'],
-     r'^--max_new_tokens=1: --exit_layer=auto calibrates on at least 2 new tokens'),
-])
+    (
+      ['--exit_layer', 'auto', '--max_new_tokens', '1'],
+      r'^--max_new_tokens=1: --exit_layer=auto calibrates on at least 2 new tokens',
+    ),
+  ],
+)
 def test_command_line_bad_input_before_the_weights(ckpt, monkeypatch, extra, match):
   def weights(*args, **kwargs):
     raise AssertionError('the command read the weights before refusing its input')
+
   monkeypatch.setattr(api.CheckpointInfo, 'load', weights)
   with pytest.raises(UsageError, match=match):
     _main('--ckpt', ckpt, '--prompt', '1 2 3', '--strategy', 'self_speculative', *extra)

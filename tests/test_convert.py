@@ -19,20 +19,34 @@ transformers = pytest.importorskip('transformers', reason='transformers is neede
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CASES = {
-    'mha': dict(num_attention_heads=4, num_key_value_heads=4, intermediate_size=128),
-    'gqa_4to1': dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128),
-    'tied': dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True),
-    'llama3_rope_odd_ffn': dict(num_attention_heads=4, num_key_value_heads=1, intermediate_size=99,
-                                rope_theta=500000.0,
-                                rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
-                                                  high_freq_factor=4.0, original_max_position_embeddings=32)),
+  'mha': dict(num_attention_heads=4, num_key_value_heads=4, intermediate_size=128),
+  'gqa_4to1': dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128),
+  'tied': dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True),
+  'llama3_rope_odd_ffn': dict(
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    intermediate_size=99,
+    rope_theta=500000.0,
+    rope_scaling=dict(
+      rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+    ),
+  ),
 }
 TOKENS = np.random.RandomState(0).randint(0, 512, (2, 80))  # longer than original_max_position_embeddings
 
 
 def _hf_model(case: str, seed: int = 0):
-  kw = {**dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, rms_norm_eps=1e-6, max_position_embeddings=256,
-               tie_word_embeddings=False), **CASES[case]}
+  kw = {
+    **dict(
+      vocab_size=512,
+      hidden_size=64,
+      num_hidden_layers=3,
+      rms_norm_eps=1e-6,
+      max_position_embeddings=256,
+      tie_word_embeddings=False,
+    ),
+    **CASES[case],
+  }
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
   with torch.no_grad():  # larger weights than the default init: clearer logit margins
@@ -66,23 +80,35 @@ def corpus_text() -> str:
 @pytest.fixture(scope='module')
 def sentencepiece_file(tmp_path_factory, corpus_text) -> pathlib.Path:
   import sentencepiece as spm
+
   d = tmp_path_factory.mktemp('spm')
   (d / 'corpus.txt').write_text(corpus_text)
-  spm.SentencePieceTrainer.train(input=str(d / 'corpus.txt'), model_prefix=str(d / 'tokenizer'), vocab_size=400,
-                                 byte_fallback=True, model_type='bpe', character_coverage=0.98,
-                                 normalization_rule_name='identity', remove_extra_whitespaces=False,
-                                 minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    input=str(d / 'corpus.txt'),
+    model_prefix=str(d / 'tokenizer'),
+    vocab_size=400,
+    byte_fallback=True,
+    model_type='bpe',
+    character_coverage=0.98,
+    normalization_rule_name='identity',
+    remove_extra_whitespaces=False,
+    minloglevel=2,
+  )
   return d / 'tokenizer.model'
 
 
 @pytest.fixture(scope='module')
 def hf_tokenizer_file(tmp_path_factory, corpus_text) -> pathlib.Path:
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|begin_of_text|>', '<|end_of_text|>'],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=['<|begin_of_text|>', '<|end_of_text|>'],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator([corpus_text], trainer)
   path = tmp_path_factory.mktemp('hf_tok') / 'tokenizer.json'
   tok.save(str(path))
@@ -110,8 +136,7 @@ def test_export_round_trips_and_loads_in_transformers(tmp_path, sentencepiece_fi
   assert (tmp_path / 'exported' / 'tokenizer.model').is_file()
   import_hf(tmp_path / 'exported', tmp_path / 'again')
   first, again = api.load(tmp_path / 'ours'), api.load(tmp_path / 'again')
-  for a, b in zip(nnx.to_pure_dict(nnx.state(first.model)).values(),
-                  nnx.to_pure_dict(nnx.state(again.model)).values()):
+  for a, b in zip(nnx.to_pure_dict(nnx.state(first.model)).values(), nnx.to_pure_dict(nnx.state(again.model)).values()):
     for x, y in zip(*(jax_leaves(t) for t in (a, b))):
       np.testing.assert_array_equal(x, y)  # bit-exact
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'exported').eval()
@@ -128,6 +153,7 @@ def test_export_round_trips_and_loads_in_transformers(tmp_path, sentencepiece_fi
 
 def jax_leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -176,14 +202,17 @@ def _no_leftovers(directory: pathlib.Path):
   return [p.name for p in directory.iterdir() if p.name.startswith('.') and '.tmp-' in p.name]
 
 
-@pytest.mark.parametrize('changes,message', [
+@pytest.mark.parametrize(
+  'changes,message',
+  [
     ({'model_type': 'mistral', 'sliding_window': 4096}, 'unsupported architecture: sliding-window attention'),
     ({'model_type': 'mixtral', 'num_local_experts': 8}, 'unsupported architecture: mixture-of-experts'),
     ({'attention_bias': True}, 'unsupported architecture: bias terms'),
     ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, "rope scaling type 'yarn' is not supported"),
     ({'hidden_size': 96}, 'tensor model.embed_tokens.weight has shape (512, 64), but config.json implies (512, 96)'),
     ({'num_hidden_layers': 4}, 'tensor model.layers.3.input_layernorm.weight is missing'),
-])
+  ],
+)
 def test_import_rejects_bad_input_cleanly(tmp_path, changes, message):
   hf_dir = _write_hf(tmp_path, **changes)
   with pytest.raises(UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -208,21 +237,26 @@ def test_checkpoint_whose_config_does_not_match_its_tensors(tmp_path):
   data = json.loads(path.read_text())
   data['model']['intermediate_size'] = 100
   path.write_text(json.dumps(data))
-  with pytest.raises(UsageError, match=r'parameter layers/mlp/down_proj has shape \(3, 128, 64\), but '
-                                       r'layerskip_config.json implies \(3, 100, 64\)'):
+  with pytest.raises(
+    UsageError,
+    match=r'parameter layers/mlp/down_proj has shape \(3, 128, 64\), but '
+    r'layerskip_config.json implies \(3, 100, 64\)',
+  ):
     export_hf(tmp_path / 'ours', tmp_path / 'exported')
   assert not (tmp_path / 'exported').exists() and not _no_leftovers(tmp_path)
 
 
 def test_command_line(tmp_path):
   hf_dir = _write_hf(tmp_path, 'tied')
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'layerskip_jax.convert', *a], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=300)
+  run = lambda *a: subprocess.run(
+    [sys.executable, '-m', 'layerskip_jax.convert', *a], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   ok = run('import_hf', '--hf_dir', str(hf_dir), '--out', str(tmp_path / 'ours'))
   assert ok.returncode == 0, ok.stderr
   again = run('import_hf', '--hf_dir', str(hf_dir), '--out', str(tmp_path / 'ours'))
   assert again.returncode == 2 and again.stderr.strip() == (
-      f'error: --out={tmp_path / "ours"}: already exists; pass --overwrite to replace it')
+    f'error: --out={tmp_path / "ours"}: already exists; pass --overwrite to replace it'
+  )
   bad = run('import_hf', '--hf_dir', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'x'))
   assert bad.returncode == 2 and 'no config.json' in bad.stderr and 'Traceback' not in bad.stderr
   usage = run('convert_everything', '--out', 'x')

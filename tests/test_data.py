@@ -45,6 +45,7 @@ def test_stdlib_split_is_stable_disjoint_and_excludes_tests():
   # sha1 of the relative path: known values, the same on every machine
   assert sources.stable_split('json/decoder.py') == sources.stable_split('json/decoder.py')
   import hashlib
+
   for rel in ('json/decoder.py', 'email/parser.py', 'asyncio/tasks.py'):
     expected = 'heldout' if int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) % 100 < 5 else 'train'
     assert sources.stable_split(rel) == expected
@@ -61,6 +62,7 @@ def test_tokenizer_round_trips_code(tok_path):
 def test_manifest_counts_and_idempotence(shards, corpus, tok_path):
   manifest = prepare_lib.read_manifest(shards)
   from array_record.python.array_record_module import ArrayRecordReader
+
   documents = tokens = 0
   for shard in manifest['shards']:
     reader = ArrayRecordReader(str(shards / shard['file']))
@@ -102,8 +104,12 @@ def test_same_seed_same_batches_and_exact_resume(shards):
 def test_packing_keeps_documents_apart_and_loses_no_token(shards):
   manifest = prepare_lib.read_manifest(shards)
   from array_record.python.array_record_module import ArrayRecordReader
-  docs = [prepare_lib.decode_record(r)[0] for s in manifest['shards']
-          for r in ArrayRecordReader(str(shards / s['file'])).read_all()]
+
+  docs = [
+    prepare_lib.decode_record(r)[0]
+    for s in manifest['shards']
+    for r in ArrayRecordReader(str(shards / s['file'])).read_all()
+  ]
   rows = list(loader.dataset(shards, 128, 1, shuffle=False, repeat=False))
   targets = sum(int(r['loss_mask'].sum()) for r in rows)
   assert targets == manifest['tokens'] - manifest['documents']  # every (input, target) pair of every document
@@ -126,6 +132,7 @@ def test_chunks_cover_every_pair_once_and_shuffling_mixes_documents(shards):
   manifest = prepare_lib.read_manifest(shards)
   files = [str(shards / s['file']) for s in manifest['shards']]
   from array_record.python.array_record_module import ArrayRecordReader
+
   docs = [prepare_lib.decode_record(r)[0] for f in files for r in ArrayRecordReader(f).read_all()]
   sidecar = np.concatenate([np.load(prepare_lib.lengths_file(f)) for f in files])
   np.testing.assert_array_equal(sidecar, [len(d) for d in docs])  # prepare wrote each record's length
@@ -184,14 +191,22 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
 def _records(directory):
   files, _ = prepare_lib.shard_files(directory)
   from array_record.python.array_record_module import ArrayRecordReader
+
   return [r for f in files for r in ArrayRecordReader(f).read_all()]
 
 
 def test_tfds_round_trip(tmp_path, tok_path, tfds_dir):
   source = sources.open_source('tfds:tiny_corpus', 'validation', tfds_data_dir=str(tfds_dir))
   assert sorted(d.text for d in source.documents()) == [f'def f{i}():\n    return {i}\n' * (i + 1) for i in range(3)]
-  manifest = prepare_lib.prepare('tfds:tiny_corpus:1.0.0', tok_path, tmp_path / 'tfds_shards', split='train',
-                                 tfds_data_dir=str(tfds_dir), progress=False, workers=1)
+  manifest = prepare_lib.prepare(
+    'tfds:tiny_corpus:1.0.0',
+    tok_path,
+    tmp_path / 'tfds_shards',
+    split='train',
+    tfds_data_dir=str(tfds_dir),
+    progress=False,
+    workers=1,
+  )
   assert manifest['documents'] == 12
   with pytest.raises(UsageError, match="split 'test' not found"):
     sources.open_source('tfds:tiny_corpus', 'test', tfds_data_dir=str(tfds_dir))
@@ -203,12 +218,30 @@ def test_a_tfds_split_prepared_in_parts_is_the_one_prepare(tmp_path, tok_path, t
   """N machines each tokenize a contiguous share of the records (--part I/N), --merge_parts joins them: the same
   records in the same order, the same manifest counts and source, the same batches."""
   whole = tmp_path / 'whole'
-  one = prepare_lib.prepare('tfds:tiny_corpus', tok_path, whole, tfds_data_dir=str(tfds_dir), progress=False,
-                            workers=1)
+  one = prepare_lib.prepare('tfds:tiny_corpus', tok_path, whole, tfds_data_dir=str(tfds_dir), progress=False, workers=1)
   out = tmp_path / 'parts'
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'layerskip_jax.data.prepare', '--tokenizer', str(tok_path),
-                                   '--source', 'tfds:tiny_corpus', '--tfds_data_dir', str(tfds_dir), '--workers', '1',
-                                   '--out', str(out), *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  run = lambda *a: subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.data.prepare',
+      '--tokenizer',
+      str(tok_path),
+      '--source',
+      'tfds:tiny_corpus',
+      '--tfds_data_dir',
+      str(tfds_dir),
+      '--workers',
+      '1',
+      '--out',
+      str(out),
+      *a,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   shares = []
   for i in range(3):
     result = run('--part', f'{i}/3')
@@ -217,18 +250,36 @@ def test_a_tfds_split_prepared_in_parts_is_the_one_prepare(tmp_path, tok_path, t
   assert shares == [4, 4, 4]
   bad = run('--part', '3/3')
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
-      "--part=3/3: expected I/N with 0 <= I < N (this machine's share of N), e.g. 0/8")
-  merged = subprocess.run([sys.executable, '-m', 'layerskip_jax.data.prepare', '--out', str(out), '--merge_parts', '3',
-                           '--index_seq_len', '32'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    "--part=3/3: expected I/N with 0 <= I < N (this machine's share of N), e.g. 0/8"
+  )
+  merged = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.data.prepare',
+      '--out',
+      str(out),
+      '--merge_parts',
+      '3',
+      '--index_seq_len',
+      '32',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert merged.returncode == 0 and 'chunk index for seq_len 32' in merged.stdout, merged.stderr
   manifest = prepare_lib.read_manifest(out)
   assert {k: manifest[k] for k in ('source', 'documents', 'tokens', 'tokenizer_sha256')} == {
-      k: one[k] for k in ('source', 'documents', 'tokens', 'tokenizer_sha256')}
+    k: one[k] for k in ('source', 'documents', 'tokens', 'tokenizer_sha256')
+  }
   assert _records(out) == _records(whole) and not prepare_lib.part_directory(out, 0, 3).exists()
   for a, b in zip(loader.dataset(whole, 32, 2, seed=0, repeat=False), loader.dataset(out, 32, 2, seed=0, repeat=False)):
     assert all(np.array_equal(a[k], b[k]) for k in a)
-  assert prepare_lib.prepare('tfds:tiny_corpus', tok_path, out, tfds_data_dir=str(tfds_dir), progress=False) == \
-      manifest  # the merged directory is up to date for the one-machine command
+  assert (
+    prepare_lib.prepare('tfds:tiny_corpus', tok_path, out, tfds_data_dir=str(tfds_dir), progress=False) == manifest
+  )  # the merged directory is up to date for the one-machine command
 
 
 TFDS_PROCESSES = textwrap.dedent('''
@@ -247,25 +298,36 @@ TFDS_PROCESSES = textwrap.dedent('''
 
 
 def test_training_processes_prepare_a_tfds_split_in_parts(tmp_path, tok_path, tfds_dir):
-  outputs = run_processes(TFDS_PROCESSES, 2, devices_per_process=1, extra_env={
-      'LS_TFDS': str(tfds_dir), 'LS_TOK': str(tok_path), 'LS_CACHE': str(tmp_path / 'cache')})
+  outputs = run_processes(
+    TFDS_PROCESSES,
+    2,
+    devices_per_process=1,
+    extra_env={'LS_TFDS': str(tfds_dir), 'LS_TOK': str(tok_path), 'LS_CACHE': str(tmp_path / 'cache')},
+  )
   for process, out in enumerate(outputs):  # each process read only its half of each split's records
-    assert f'process {process}: tfds:tiny_corpus:train@{tfds_dir} part {process} of 2 (records ' \
-           f'{6 * process}-{6 * process + 5} of 12): 6 documents' in out, out
+    assert (
+      f'process {process}: tfds:tiny_corpus:train@{tfds_dir} part {process} of 2 (records '
+      f'{6 * process}-{6 * process + 5} of 12): 6 documents' in out
+    ), out
   train = pathlib.Path(outputs[0].split('train ')[-1].strip())
-  whole = prepare_lib.prepare('tfds:tiny_corpus', tok_path, tmp_path / 'whole', tfds_data_dir=str(tfds_dir),
-                              progress=False, workers=1)
-  assert _records(train) == _records(tmp_path / 'whole') and prepare_lib.read_manifest(train)['source'] == \
-      whole['source']
+  whole = prepare_lib.prepare(
+    'tfds:tiny_corpus', tok_path, tmp_path / 'whole', tfds_data_dir=str(tfds_dir), progress=False, workers=1
+  )
+  assert (
+    _records(train) == _records(tmp_path / 'whole') and prepare_lib.read_manifest(train)['source'] == whole['source']
+  )
   assert index_lib.chunks_file(prepare_lib.shard_files(train)[0][0], 32).is_file()  # indexed before training
 
 
-@pytest.mark.parametrize('spec,message', [
+@pytest.mark.parametrize(
+  'spec,message',
+  [
     ('/nonexistent/*.py', 'the glob matches no files'),
     ('/nonexistent/dir', 'not python_stdlib, tfds:NAME'),
     ('@/nonexistent.list', 'no such list file'),
     ('tfds:', 'expected tfds:NAME'),
-])
+  ],
+)
 def test_bad_sources(spec, message):
   with pytest.raises(UsageError, match=message):
     sources.open_source(spec)
@@ -281,21 +343,47 @@ def test_bad_jsonl_and_vocab_mismatch(tmp_path, tok_path):
 
 
 def test_command_lines(tmp_path, corpus):
-  run = lambda module, *a: subprocess.run([sys.executable, '-m', module, *a], cwd=ROOT, capture_output=True,
-                                          text=True, timeout=300)
+  run = lambda module, *a: subprocess.run(
+    [sys.executable, '-m', module, *a], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   tok = tmp_path / 'tok.model'
-  result = run('layerskip_jax.data.tokenizer', 'train', '--source', str(corpus), '--vocab_size', '400',
-               '--out', str(tok))
+  result = run(
+    'layerskip_jax.data.tokenizer', 'train', '--source', str(corpus), '--vocab_size', '400', '--out', str(tok)
+  )
   assert result.returncode == 0 and 'wrote' in result.stdout, result.stderr
-  result = run('layerskip_jax.data.prepare', '--source', str(corpus), '--tokenizer', str(tok), '--out',
-               str(tmp_path / 'shards'), '--workers', '1')
+  result = run(
+    'layerskip_jax.data.prepare',
+    '--source',
+    str(corpus),
+    '--tokenizer',
+    str(tok),
+    '--out',
+    str(tmp_path / 'shards'),
+    '--workers',
+    '1',
+  )
   assert result.returncode == 0, result.stderr
   assert 'files skipped' in result.stdout and result.stderr.count('warning: skipped') == 2
-  bad = run('layerskip_jax.data.prepare', '--source', str(tmp_path / 'nothing' / '*.txt'), '--tokenizer',
-            str(tok), '--out', str(tmp_path / 'x'))
+  bad = run(
+    'layerskip_jax.data.prepare',
+    '--source',
+    str(tmp_path / 'nothing' / '*.txt'),
+    '--tokenizer',
+    str(tok),
+    '--out',
+    str(tmp_path / 'x'),
+  )
   assert bad.returncode == 2 and 'the glob matches no files' in bad.stderr and 'Traceback' not in bad.stderr
-  small = run('layerskip_jax.data.tokenizer', 'train', '--source', str(corpus), '--vocab_size', '100',
-              '--out', str(tmp_path / 't.model'))
+  small = run(
+    'layerskip_jax.data.tokenizer',
+    'train',
+    '--source',
+    str(corpus),
+    '--vocab_size',
+    '100',
+    '--out',
+    str(tmp_path / 't.model'),
+  )
   assert small.returncode == 2 and 'must be at least 261' in small.stderr
 
 
@@ -347,20 +435,29 @@ def test_each_process_reads_only_its_rows_of_the_single_process_batch(shards, pr
 def _grain_first_fit(shards, seq_len, batch_size, *, seed=0, shuffle=True, repeat=True):
   """The pipeline of earlier versions (grain's first-fit packing over the chunk stream): the reference stream."""
   import grain
+
   files, _ = prepare_lib.shard_files(shards)
   source = loader.ChunkSource(files, seq_len)
   ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=seed) if shuffle else ds
   ds = ds.repeat() if repeat else ds
   packed = grain.experimental.FirstFitPackIterDataset(
-      ds.to_iter_dataset(), length_struct={k: seq_len for k in ('inputs', 'targets', 'loss_mask')},
-      num_packing_bins=batch_size, shuffle_bins=False)
+    ds.to_iter_dataset(),
+    length_struct={k: seq_len for k in ('inputs', 'targets', 'loss_mask')},
+    num_packing_bins=batch_size,
+    shuffle_bins=False,
+  )
   return iter(packed.batch(batch_size, drop_remainder=True))
 
 
 def _same_batch(old, new):
-  names = {'inputs': 'inputs', 'targets': 'targets', 'loss_mask': 'loss_mask', 'segment_ids': 'inputs_segment_ids',
-           'positions': 'inputs_positions'}
+  names = {
+    'inputs': 'inputs',
+    'targets': 'targets',
+    'loss_mask': 'loss_mask',
+    'segment_ids': 'inputs_segment_ids',
+    'positions': 'inputs_positions',
+  }
   for key, old_key in names.items():
     np.testing.assert_array_equal(np.asarray(old[old_key]).astype(new[key].dtype), new[key], err_msg=key)
 
@@ -444,19 +541,45 @@ def test_a_directory_that_cannot_be_written_gets_its_index_in_memory(shards, mon
 
 def test_a_corpus_smaller_than_one_global_batch_is_refused(shards):
   chunks = len(loader.ChunkSource(prepare_lib.shard_files(shards)[0], 100_000))
-  with pytest.raises(UsageError, match=rf'^{shards}: holds {chunks} chunks of at most 100000 tokens, fewer than one '
-                     rf'global batch of {chunks + 1} rows; use a larger corpus or a smaller train.batch_size$'):
+  with pytest.raises(
+    UsageError,
+    match=rf'^{shards}: holds {chunks} chunks of at most 100000 tokens, fewer than one '
+    rf'global batch of {chunks + 1} rows; use a larger corpus or a smaller train.batch_size$',
+  ):
     loader.dataset(shards, 100_000, chunks + 1)
 
 
 def test_data_bench_simulates_processes_and_measures_the_index(tmp_path):
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'layerskip_jax.data.bench', *a,
-                                   f'--config.data.cache_dir={tmp_path / "cache"}'], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=600)
+  run = lambda *a: subprocess.run(
+    [sys.executable, '-m', 'layerskip_jax.data.bench', *a, f'--config.data.cache_dir={tmp_path / "cache"}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   out = tmp_path / 'bench.json'
-  result = run('--batches', '3', '--processes', '4', '--train_steps', '0', '--target', 'tiny', '--workers', '0,1',
-               '--gpus_per_host', '2', '--index_tokens', '3e7', '--index_seq_len', '512', '--step_tokens_per_sec',
-               '1000', '--json', str(out))
+  result = run(
+    '--batches',
+    '3',
+    '--processes',
+    '4',
+    '--train_steps',
+    '0',
+    '--target',
+    'tiny',
+    '--workers',
+    '0,1',
+    '--gpus_per_host',
+    '2',
+    '--index_tokens',
+    '3e7',
+    '--index_seq_len',
+    '512',
+    '--step_tokens_per_sec',
+    '1000',
+    '--json',
+    str(out),
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
   assert len(report['loader_tokens_per_sec_per_process']) == 4 and report['plan_us_per_chunk'] > 0
@@ -467,8 +590,9 @@ def test_data_bench_simulates_processes_and_measures_the_index(tmp_path):
   assert memory['in_memory']['chunks'] == memory['mapped']['chunks'] > 25_000
   assert memory['mapped']['anon_mib'] < memory['in_memory']['anon_mib']
   bad = run('--processes', '3', '--json', str(tmp_path / 'x.json'))
-  assert bad.returncode == 2 and bad.stderr.strip().endswith('--processes=3: must divide train.batch_size=16 (each '
-                                                             'process reads whole rows)')
+  assert bad.returncode == 2 and bad.stderr.strip().endswith(
+    '--processes=3: must divide train.batch_size=16 (each process reads whole rows)'
+  )
   assert not (tmp_path / 'x.json').exists()
   moved = run('--train_steps', '6')  # the step is timed by train.bench --what input now
   assert moved.returncode == 2 and '--train_steps=6: the train step is timed' in moved.stderr.strip().splitlines()[-1]

@@ -28,9 +28,17 @@ from layerskip_jax.model import ModelConfig, create
 from layerskip_jax.train import trainer
 from layerskip_jax.train.metrics import MetricsWriter
 
-SMALL = ['--config.model.hidden_size=64', '--config.model.num_hidden_layers=2', '--config.model.num_attention_heads=4',
-         '--config.model.num_key_value_heads=2', '--config.model.intermediate_size=96', '--config.train.seq_len=64',
-         '--config.train.batch_size=4', '--config.train.eval_every=0', '--config.logging.progress_bar=false']
+SMALL = [
+  '--config.model.hidden_size=64',
+  '--config.model.num_hidden_layers=2',
+  '--config.model.num_attention_heads=4',
+  '--config.model.num_key_value_heads=2',
+  '--config.model.intermediate_size=96',
+  '--config.train.seq_len=64',
+  '--config.train.batch_size=4',
+  '--config.train.eval_every=0',
+  '--config.logging.progress_bar=false',
+]
 
 
 def _config(*extra):
@@ -46,8 +54,9 @@ def _leftovers(directory: pathlib.Path) -> list[str]:
 
 
 def _cli(*args, env=None):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=env or host_devices_env(1))
+  return subprocess.run(
+    [sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env or host_devices_env(1)
+  )
 
 
 def _one_line_error(result, *fragments, status=2):
@@ -79,6 +88,7 @@ def work(made, tmp_path):
 
 
 # --- never lose data ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('where', ['same', 'parent', 'inside', 'step_dir'])
 def test_export_never_replaces_its_input(work, where):
@@ -155,6 +165,7 @@ def test_a_write_that_fails_halfway_leaves_the_previous_output(work, monkeypatch
     written.append(path)
     path.write_bytes(b'x' * 100)
     raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+
   monkeypatch.setattr(hf, '_write_safetensors', full_disk)
   with pytest.raises(OSError):
     export_hf(work / 'ckpt', work / 'hf', overwrite=True)
@@ -171,6 +182,7 @@ def test_a_swap_interrupted_between_its_renames_puts_the_old_output_back(tmp_pat
     if '.tmp-' in self.name:  # the new output's rename into place: a full disk, or Ctrl-C, right here
       raise KeyboardInterrupt
     return real_rename(self, target)
+
   monkeypatch.setattr(pathlib.Path, 'rename', rename)
   with pytest.raises(KeyboardInterrupt):
     with outputs.atomic_directory(out) as tmp:
@@ -190,10 +202,13 @@ def test_a_swap_interrupted_between_its_renames_puts_the_old_output_back(tmp_pat
 
 def test_cleanup_touches_only_our_own_dead_temporaries(tmp_path):
   host, mine = outputs._HOST, tmp_path / 'out'
-  keep = [tmp_path / '.out.tmp-otherhost-999999999',  # another host's writer may be alive
-          tmp_path / f'.out.tmp-{host}-{os.getppid()}',  # a live process of this host
-          tmp_path / f'.run1.tmp-{host}-999999999', tmp_path / '.out.json.tmp-1',  # other outputs, a user's file
-          tmp_path / f'.out.tmp-{host}-999999999.bak']
+  keep = [
+    tmp_path / '.out.tmp-otherhost-999999999',  # another host's writer may be alive
+    tmp_path / f'.out.tmp-{host}-{os.getppid()}',  # a live process of this host
+    tmp_path / f'.run1.tmp-{host}-999999999',
+    tmp_path / '.out.json.tmp-1',  # other outputs, a user's file
+    tmp_path / f'.out.tmp-{host}-999999999.bak',
+  ]
   for path in keep:
     path.mkdir()
   dead = tmp_path / f'.out.tmp-{host}-999999999'
@@ -222,6 +237,7 @@ def test_atomic_files_replace_whole_or_not_at_all(tmp_path):
 
 
 # --- resume after any crash --------------------------------------------------------------------------------------
+
 
 def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_named(tmp_path, capsys):
   path = tmp_path / 'metrics.jsonl'
@@ -278,8 +294,17 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_pat
   one line naming the step, the errno and the last good checkpoint, exit 1, step 2 intact. The next run removes
   the unfinished save (and says so) and resumes from step 2."""
   workdir, cache = tmp_path / 'run', tmp_path / 'cache'
-  command = ['layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir), f'--config.data.cache_dir={cache}',
-             *SMALL, '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=true']
+  command = [
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    f'--config.data.cache_dir={cache}',
+    *SMALL,
+    '--config.checkpoint.every_steps=2',
+    '--config.checkpoint.async_save=true',
+  ]
   first = _cli(*command, '--config.train.steps=2')
   assert first.returncode == 0, first.stderr[-2000:]
   step_2 = _snapshot(workdir / 'checkpoints' / '2')
@@ -287,10 +312,23 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_pat
   def small_files():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-  full = subprocess.run([sys.executable, '-m', *command, '--config.train.steps=4'], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600, env=host_devices_env(1), preexec_fn=small_files)
-  line = _one_line_error(full, 'checkpoint step 4 could not be written', 'File too large (EFBIG)',
-                         'the last good checkpoint is step 2', status=1)
+
+  full = subprocess.run(
+    [sys.executable, '-m', *command, '--config.train.steps=4'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=host_devices_env(1),
+    preexec_fn=small_files,
+  )
+  line = _one_line_error(
+    full,
+    'checkpoint step 4 could not be written',
+    'File too large (EFBIG)',
+    'the last good checkpoint is step 2',
+    status=1,
+  )
   assert str(workdir / 'checkpoints' / '4') in line
   assert _snapshot(workdir / 'checkpoints' / '2') == step_2
   assert checkpoint_dir.steps(workdir) == [2] and list((workdir / 'checkpoints').glob('4.orbax-checkpoint-tmp*'))
@@ -305,17 +343,42 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_pat
 
 # --- a refused command changes nothing ---------------------------------------------------------------------------
 
+
 def test_a_rejected_init_from_writes_nothing_and_the_retry_runs(made, tmp_path):
   workdir = tmp_path / 'run'
-  bad = _cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir), *SMALL,
-             f'--config.train.init_from={made / "ckpt"}', '--config.model.intermediate_size=128')
+  bad = _cli(
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    *SMALL,
+    f'--config.train.init_from={made / "ckpt"}',
+    '--config.model.intermediate_size=128',
+  )
   _one_line_error(bad, 'train.init_from=', 'model.intermediate_size=96 differs')
   assert not workdir.exists() or not any(workdir.iterdir())
-  missing = _cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir), *SMALL, '--dry_run',
-                 f'--config.train.init_from={tmp_path / "nowhere"}')
+  missing = _cli(
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    *SMALL,
+    '--dry_run',
+    f'--config.train.init_from={tmp_path / "nowhere"}',
+  )
   _one_line_error(missing, f'train.init_from={tmp_path / "nowhere"}: no such directory')
-  retry = _cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir), *SMALL, '--dry_run',
-               f'--config.train.init_from={made / "ckpt"}')
+  retry = _cli(
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    *SMALL,
+    '--dry_run',
+    f'--config.train.init_from={made / "ckpt"}',
+  )
   assert retry.returncode == 0 and retry.stdout.startswith('ok: would start'), retry.stderr
   assert not workdir.exists() or not any(workdir.iterdir())  # a dry run writes nothing either
 
@@ -326,8 +389,16 @@ def test_an_init_from_that_cannot_be_read_writes_nothing(made, tmp_path):
   biggest = max((p for p in (damaged / 'checkpoints').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[:100])
   workdir = tmp_path / 'run'
-  result = _cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir), *SMALL,
-                f'--config.data.cache_dir={tmp_path / "cache"}', f'--config.train.init_from={damaged}')
+  result = _cli(
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    *SMALL,
+    f'--config.data.cache_dir={tmp_path / "cache"}',
+    f'--config.train.init_from={damaged}',
+  )
   _one_line_error(result, f'train.init_from={damaged / "checkpoints" / "0"}', 'cannot be read: it is truncated')
   assert not workdir.exists()
 
@@ -342,17 +413,22 @@ def test_a_refused_resume_writes_nothing(tmp_path):
 
 
 def test_dry_run_validates_the_whole_config(tmp_path):
-  for args, fragment in ((['--config', 'tinyy'], '--config=tinyy: no such config file'),
-                         (['--config', 'tiny', '--config.train.steps=-1'], 'train.steps'),
-                         (['--config', 'tiny', '--config.train.nosuchkey=1'], 'train.nosuchkey')):
+  for args, fragment in (
+    (['--config', 'tinyy'], '--config=tinyy: no such config file'),
+    (['--config', 'tiny', '--config.train.steps=-1'], 'train.steps'),
+    (['--config', 'tiny', '--config.train.nosuchkey=1'], 'train.nosuchkey'),
+  ):
     _one_line_error(_cli('layerskip_jax.train', *args, '--workdir', str(tmp_path / 'w'), '--dry_run'), fragment)
   (tmp_path / 'file').write_text('x')
-  _one_line_error(_cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(tmp_path / 'file'), '--dry_run'),
-                  'is a file; give a directory')
+  _one_line_error(
+    _cli('layerskip_jax.train', '--config', 'tiny', '--workdir', str(tmp_path / 'file'), '--dry_run'),
+    'is a file; give a directory',
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ['file']
 
 
 # --- damaged inputs are one line naming the file -----------------------------------------------------------------
+
 
 def test_a_truncated_checkpoint_tensor_is_one_line(work):
   ckpt = work / 'ckpt'
@@ -367,12 +443,15 @@ def test_a_truncated_checkpoint_tensor_is_one_line(work):
   assert not (work / 'out').exists() and not _leftovers(work)
 
 
-@pytest.mark.parametrize('damage,message', [
-    (lambda b: b[:len(b) // 2], 'is truncated: download or copy it again'),
+@pytest.mark.parametrize(
+  'damage,message',
+  [
+    (lambda b: b[: len(b) // 2], 'is truncated: download or copy it again'),
     (lambda b: b[:5], 'not a complete safetensors file (5 bytes'),
     (lambda b: (10**9).to_bytes(8, 'little') + b[8:], 'not a complete safetensors file'),
     (lambda b: b[:8] + b'\xff' * 20 + b[28:], 'its header is not JSON'),
-])
+  ],
+)
 def test_a_damaged_safetensors_file_is_one_line(work, damage, message):
   path = work / 'hf' / 'model.safetensors'
   path.write_bytes(damage(path.read_bytes()))
@@ -383,9 +462,11 @@ def test_a_damaged_safetensors_file_is_one_line(work, damage, message):
 
 def test_a_damaged_saved_config_names_the_file(work):
   path = work / 'ckpt' / 'layerskip_config.json'
-  for text, fragment in (('{"model": {"hidden_', 'not a readable layerskip config'),
-                         ('[1, 2]', 'a JSON list, not a layerskip config object'),
-                         (b'\xff\xfe'.decode('latin-1'), 'not a readable layerskip config')):
+  for text, fragment in (
+    ('{"model": {"hidden_', 'not a readable layerskip config'),
+    ('[1, 2]', 'a JSON list, not a layerskip config object'),
+    (b'\xff\xfe'.decode('latin-1'), 'not a readable layerskip config'),
+  ):
     path.write_text(text)
     with pytest.raises(UsageError, match=fragment) as raised:
       checkpoint_dir.restore_params(work / 'ckpt')
@@ -395,6 +476,7 @@ def test_a_damaged_saved_config_names_the_file(work):
 def test_unwritable_places_are_refused_before_any_work(tmp_path, monkeypatch):
   """As root every path is writable, so permission is simulated: os.access answers as for another user."""
   import os
+
   locked = tmp_path / 'locked'
   locked.mkdir()
   real_access = os.access
@@ -433,8 +515,10 @@ cli.run(main)
 
 @pytest.mark.parametrize('message,status', [('OSError("a lost mount, no errno")', 1), ("'the one line'", 2)])
 def test_any_failure_is_one_line(message, status):
-  script = ABANDONED_TASK.replace('raise UsageError(MESSAGE)', f'raise {message}' if status == 1 else
-                                  f'raise UsageError({message})')
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=host_devices_env(1))
+  script = ABANDONED_TASK.replace(
+    'raise UsageError(MESSAGE)', f'raise {message}' if status == 1 else f'raise UsageError({message})'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120, env=host_devices_env(1)
+  )
   _one_line_error(result, 'OSError: a lost mount, no errno' if status == 1 else 'the one line', status=status)

@@ -12,8 +12,14 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_smoke_writes_train_and_decode_numbers(tmp_path):
   out = tmp_path / 'check.json'
-  result = subprocess.run(['bash', 'launch/gpu_check.sh', '--smoke', '--json', str(out)], env=host_devices_env(1),
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+  result = subprocess.run(
+    ['bash', 'launch/gpu_check.sh', '--smoke', '--json', str(out)],
+    env=host_devices_env(1),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
   for objective in ('plain', 'layerskip'):
@@ -25,7 +31,13 @@ def test_gpu_check_smoke_writes_train_and_decode_numbers(tmp_path):
 
 
 def test_gpu_check_without_an_accelerator_is_one_line(tmp_path):
-  result = subprocess.run(['bash', 'launch/gpu_check.sh', '--json', str(tmp_path / 'x.json')],
-                          env=host_devices_env(1), capture_output=True, text=True, timeout=300, cwd=ROOT)
+  result = subprocess.run(
+    ['bash', 'launch/gpu_check.sh', '--json', str(tmp_path / 'x.json')],
+    env=host_devices_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
   assert result.returncode == 2 and result.stderr.startswith('error: no GPU or TPU found')
   assert result.stderr.strip().count('\n') == 0 and not (tmp_path / 'x.json').exists()

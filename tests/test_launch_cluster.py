@@ -27,16 +27,29 @@ SCRIPTS = sorted([*ROOT.glob('launch/**/*.sh'), *ROOT.glob('launch/**/*.sbatch')
 def _env(**extra) -> dict:
   """This environment without any SLURM variables (the tests may themselves run inside a SLURM job)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
-  for key in ('CONFIG', 'WORKDIR', 'LOG_DIR', 'LS_REPO', 'TPU_NAME', 'ZONE', 'PROJECT', 'XLA_FLAGS', 'PYTHON',
-              'LS_SETUP', 'LS_SKIP_VALIDATION', 'REMOTE_REPO'):
+  for key in (
+    'CONFIG',
+    'WORKDIR',
+    'LOG_DIR',
+    'LS_REPO',
+    'TPU_NAME',
+    'ZONE',
+    'PROJECT',
+    'XLA_FLAGS',
+    'PYTHON',
+    'LS_SETUP',
+    'LS_SKIP_VALIDATION',
+    'REMOTE_REPO',
+  ):
     env.pop(key, None)
   env.update(extra)
   return env
 
 
 def _run(script, *args, env=None, cwd=ROOT, timeout=60):
-  return subprocess.run(['bash', str(script), *args], env=env or _env(), cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    ['bash', str(script), *args], env=env or _env(), cwd=cwd, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -50,6 +63,7 @@ def _one_line_error(result) -> None:
 
 
 # --- every script ---------------------------------------------------------------------------------------------
+
 
 def test_the_cluster_scripts_exist():
   assert {SBATCH, TPU} <= set(SCRIPTS)
@@ -83,6 +97,7 @@ def test_bad_values(script):
 
 # --- SLURM ----------------------------------------------------------------------------------------------------
 
+
 def test_sbatch_header():
   header = [line.split(None, 1)[1] for line in SBATCH.read_text().splitlines() if line.startswith('#SBATCH')]
   for option in ('--ntasks-per-node=8', '--gpus-per-node=8', '--requeue', '--open-mode=append'):
@@ -92,9 +107,19 @@ def test_sbatch_header():
 
 
 def test_sbatch_dry_run_outside_slurm_prints_the_submission_and_the_job(tmp_path):
-  result = _run(SBATCH, '--dry-run', '--nodes', '4', '--sbatch-arg=--partition=h100', '--config', 'llama2_13b',
-                '--config.train.init_from=/ckpt/llama 2', '--config.mesh.data=4', env=_env(WORKDIR='runs/13b'),
-                cwd=tmp_path)
+  result = _run(
+    SBATCH,
+    '--dry-run',
+    '--nodes',
+    '4',
+    '--sbatch-arg=--partition=h100',
+    '--config',
+    'llama2_13b',
+    '--config.train.init_from=/ckpt/llama 2',
+    '--config.mesh.data=4',
+    env=_env(WORKDIR='runs/13b'),
+    cwd=tmp_path,
+  )
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   submit = next(c for c in commands if c[0] == 'sbatch')
@@ -109,9 +134,9 @@ def test_sbatch_dry_run_outside_slurm_prints_the_submission_and_the_job(tmp_path
   check = commands[checks[0]]
   assert check[:3] == ['env', f'PYTHONPATH={ROOT}', 'JAX_PLATFORMS=cpu']
   step = next(c for c in commands if c[0] == 'srun')
-  assert check[3:] == [*step[step.index('-m') - 1:step.index('-m') + 2], '--dry_run', *step[step.index('-m') + 2:]]
+  assert check[3:] == [*step[step.index('-m') - 1 : step.index('-m') + 2], '--dry_run', *step[step.index('-m') + 2 :]]
   assert f'--output={workdir}/logs/%j_r0_%t.log' in step and '--kill-on-bad-exit=1' in step
-  trainer = step[step.index('-m') - 1:]
+  trainer = step[step.index('-m') - 1 :]
   assert trainer[:3] == ['python', '-m', 'layerskip_jax.train']
   assert trainer[trainer.index('--config') + 1] == 'llama2_13b'
   assert trainer[trainer.index('--workdir') + 1] == workdir
@@ -143,8 +168,13 @@ def test_sbatch_without_slurm_is_a_clear_error(tmp_path):
   (tmp_path / 'bin').mkdir()
   for tool in ('bash', 'dirname', 'basename'):
     (tmp_path / 'bin' / tool).symlink_to(shutil.which(tool))
-  result = subprocess.run([str(tmp_path / 'bin' / 'bash'), str(SBATCH), '--workdir', str(tmp_path / 'w')],
-                          env=_env(PATH=str(tmp_path / 'bin')), capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [str(tmp_path / 'bin' / 'bash'), str(SBATCH), '--workdir', str(tmp_path / 'w')],
+    env=_env(PATH=str(tmp_path / 'bin')),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   _one_line_error(result)
   assert 'sbatch not found' in result.stderr
 
@@ -155,17 +185,28 @@ def test_sbatch_xla_flags_exist_in_the_installed_jaxlib():
   flags = dict(c[1].split('=', 1) for c in commands if c[0] == 'export')['XLA_FLAGS']
   assert len(flags.split()) >= 8 and '--xla_gpu_enable_latency_hiding_scheduler=true' in flags.split()
   check = 'import jax; print(jax.numpy.ones(2).sum())'
-  ok = subprocess.run([sys.executable, '-c', check], env=_env(JAX_PLATFORMS='cpu', XLA_FLAGS=flags),
-                      capture_output=True, text=True, timeout=120)
+  ok = subprocess.run(
+    [sys.executable, '-c', check],
+    env=_env(JAX_PLATFORMS='cpu', XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert ok.returncode == 0 and ok.stdout.strip() == '2.0', ok.stderr[-2000:]
-  bad = subprocess.run([sys.executable, '-c', check], env=_env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_gpu_no_such=1'),
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [sys.executable, '-c', check],
+    env=_env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_gpu_no_such=1'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0 and 'Unknown flag' in bad.stderr  # the check has teeth
 
 
 def test_cluster_environment_detection(monkeypatch):
   from jax._src import cloud_tpu_init
   from layerskip_jax.train import distributed
+
   for key in [k for k in os.environ if k.startswith('SLURM_') or k.startswith('TPU_')]:
     monkeypatch.delenv(key)
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
@@ -183,6 +224,7 @@ def test_cluster_environment_detection(monkeypatch):
 
 # --- Cloud TPU ------------------------------------------------------------------------------------------------
 
+
 def _tpu_dry_run(*args, **env):
   result = _run(TPU, '--dry-run', '--tpu', 'my-v5p', '--zone', 'us-east5-a', *args, env=_env(**env))
   assert result.returncode == 0, result.stderr
@@ -196,9 +238,17 @@ def _remote(command: list[str], worker: str = 'all') -> str:
 
 
 def test_tpu_dry_run_cleans_up_then_launches_detached_on_every_worker(tmp_path):
-  commands = _tpu_dry_run('--workdir', '/mnt/nfs/runs/7b', '--config', 'llama2_7b', '--project', 'proj',
-                          '--config.data.source=/mnt/my data/*.py', '--config.train.init_from=/mnt/$ckpt',
-                          LIBTPU_INIT_ARGS='--xla_tpu_extra=1')
+  commands = _tpu_dry_run(
+    '--workdir',
+    '/mnt/nfs/runs/7b',
+    '--config',
+    'llama2_7b',
+    '--project',
+    'proj',
+    '--config.data.source=/mnt/my data/*.py',
+    '--config.train.init_from=/mnt/$ckpt',
+    LIBTPU_INIT_ARGS='--xla_tpu_extra=1',
+  )
   assert len(commands) == 3 and all('--project=proj' in c for c in commands)
   check = _remote(commands[0], worker='0')  # the trainer's check on worker 0, before the cleanup stops anything
   cleanup, launch = map(_remote, commands[1:])
@@ -215,13 +265,27 @@ def test_tpu_dry_run_cleans_up_then_launches_detached_on_every_worker(tmp_path):
 
   # Run the launch command here with a stand-in interpreter: the trainer gets exactly these arguments.
   fake = tmp_path / 'python3'
-  fake.write_text(f'#!{sys.executable}\nimport json, os, sys\n'
-                  'json.dump({"argv": sys.argv[1:], "libtpu": os.environ["LIBTPU_INIT_ARGS"]}, '
-                  'open("argv.json.tmp", "w"))\nos.replace("argv.json.tmp", "argv.json")\n')
+  fake.write_text(
+    f'#!{sys.executable}\nimport json, os, sys\n'
+    'json.dump({"argv": sys.argv[1:], "libtpu": os.environ["LIBTPU_INIT_ARGS"]}, '
+    'open("argv.json.tmp", "w"))\nos.replace("argv.json.tmp", "argv.json")\n'
+  )
   fake.chmod(0o755)
-  launch = _remote(_tpu_dry_run('--workdir', '/mnt/nfs/runs/7b', '--repo', str(tmp_path), '--python', str(fake),
-                                '--no-cleanup', '--skip-validation', '--config.data.source=/mnt/my data/*.py',
-                                '--config.train.init_from=/mnt/$ckpt', "--config.x=it's")[0])
+  launch = _remote(
+    _tpu_dry_run(
+      '--workdir',
+      '/mnt/nfs/runs/7b',
+      '--repo',
+      str(tmp_path),
+      '--python',
+      str(fake),
+      '--no-cleanup',
+      '--skip-validation',
+      '--config.data.source=/mnt/my data/*.py',
+      '--config.train.init_from=/mnt/$ckpt',
+      "--config.x=it's",
+    )[0]
+  )
   result = subprocess.run(['bash', '-c', launch], env=_env(), capture_output=True, text=True, timeout=30)
   assert result.returncode == 0 and 'started the trainer' in result.stdout, result.stderr
   for _ in range(100):
@@ -229,10 +293,19 @@ def test_tpu_dry_run_cleans_up_then_launches_detached_on_every_worker(tmp_path):
       break
     time.sleep(0.1)
   seen = json.loads((tmp_path / 'argv.json').read_text())
-  assert seen['argv'] == ['-m', 'layerskip_jax.train', '--config', 'llama2_7b', '--workdir', '/mnt/nfs/runs/7b',
-                          '--config.data.cache_dir=/mnt/nfs/runs/layerskip_jax_cache',
-                          '--config.logging.progress_bar=false', '--config.data.source=/mnt/my data/*.py',
-                          '--config.train.init_from=/mnt/$ckpt', "--config.x=it's"]
+  assert seen['argv'] == [
+    '-m',
+    'layerskip_jax.train',
+    '--config',
+    'llama2_7b',
+    '--workdir',
+    '/mnt/nfs/runs/7b',
+    '--config.data.cache_dir=/mnt/nfs/runs/layerskip_jax_cache',
+    '--config.logging.progress_bar=false',
+    '--config.data.source=/mnt/my data/*.py',
+    '--config.train.init_from=/mnt/$ckpt',
+    "--config.x=it's",
+  ]
   assert seen['libtpu'].startswith('--xla_tpu_')
   assert list((tmp_path / 'logs').glob('train_*.log'))
 
@@ -263,8 +336,13 @@ def test_tpu_bad_usage(tmp_path):
   (tmp_path / 'bin').mkdir()
   for tool in ('bash', 'dirname'):
     (tmp_path / 'bin' / tool).symlink_to(shutil.which(tool))
-  result = subprocess.run([str(tmp_path / 'bin' / 'bash'), str(TPU), '--tpu', 't', '--zone', 'z', '--workdir', '/w'],
-                          env=_env(PATH=str(tmp_path / 'bin')), capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [str(tmp_path / 'bin' / 'bash'), str(TPU), '--tpu', 't', '--zone', 'z', '--workdir', '/w'],
+    env=_env(PATH=str(tmp_path / 'bin')),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   _one_line_error(result)
   assert 'gcloud not found' in result.stderr
 
@@ -298,9 +376,9 @@ if 'pip install' in command:
 
 # (arguments, a piece of the trainer's error line)
 BAD_CONFIGS = {
-    'preset': (['--config', 'llama2_7bb'], "--config=llama2_7bb: no such config file"),
-    'key': (['--config', 'tiny', '--config.train.nosuchkey=1'], 'train.nosuchkey: unknown config key'),
-    'steps': (['--config', 'tiny', '--config.train.steps=-1'], 'train.steps=-1: must be >= 1'),
+  'preset': (['--config', 'llama2_7bb'], "--config=llama2_7bb: no such config file"),
+  'key': (['--config', 'tiny', '--config.train.nosuchkey=1'], 'train.nosuchkey: unknown config key'),
+  'steps': (['--config', 'tiny', '--config.train.steps=-1'], 'train.steps=-1: must be >= 1'),
 }
 
 
@@ -315,9 +393,16 @@ def _stubs(tmp_path, **env) -> dict:
   for stub in bin_dir.iterdir():
     stub.chmod(0o755)
   (tmp_path / 'worker_tmp').mkdir(exist_ok=True)
-  return _env(**{'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'FAKE_CALLS': str(tmp_path / 'calls'),
-                 'TMPDIR': str(tmp_path), 'FAKE_WORKER_TMP': str(tmp_path / 'worker_tmp'), 'PYTHON': sys.executable,
-                 **env})
+  return _env(
+    **{
+      'PATH': f'{bin_dir}:{os.environ["PATH"]}',
+      'FAKE_CALLS': str(tmp_path / 'calls'),
+      'TMPDIR': str(tmp_path),
+      'FAKE_WORKER_TMP': str(tmp_path / 'worker_tmp'),
+      'PYTHON': sys.executable,
+      **env,
+    }
+  )
 
 
 def _calls(tmp_path) -> list[str]:
@@ -341,21 +426,31 @@ def test_sbatch_refuses_a_config_the_trainer_refuses_before_sbatch(tmp_path, cas
 
 def test_sbatch_checks_init_from_and_submits_a_valid_config(tmp_path):
   from layerskip_jax import config as config_lib
+
   ckpt = tmp_path / 'ckpt'  # a checkpoint directory of the tiny preset (its config and one finished step)
   config_lib.save(config_lib.load('tiny', []), ckpt)
   (ckpt / 'checkpoints' / '1').mkdir(parents=True)
   env = _stubs(tmp_path)
-  result = _run(SBATCH, '--config', 'tiny', '--workdir', 'w', '--config.model.num_hidden_layers=4',
-                f'--config.train.init_from={ckpt}', env=env, cwd=tmp_path)
+  result = _run(
+    SBATCH,
+    '--config',
+    'tiny',
+    '--workdir',
+    'w',
+    '--config.model.num_hidden_layers=4',
+    f'--config.train.init_from={ckpt}',
+    env=env,
+    cwd=tmp_path,
+  )
   _trainer_error(result, 'its model.num_hidden_layers=8 differs')
   assert _calls(tmp_path) == []
-  result = _run(SBATCH, '--config', 'tiny', '--workdir', 'w', f'--config.train.init_from={ckpt}', env=env,
-                cwd=tmp_path)
+  result = _run(SBATCH, '--config', 'tiny', '--workdir', 'w', f'--config.train.init_from={ckpt}', env=env, cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(f'ok: would start {tmp_path}/w from the weights of {ckpt}'), result.stdout
   [submit] = _calls(tmp_path)
-  assert submit.startswith('sbatch ') and submit.endswith(f'--workdir {tmp_path}/w --log-dir {tmp_path}/w/logs -- '
-                                                           f'--config.train.init_from={ckpt}')
+  assert submit.startswith('sbatch ') and submit.endswith(
+    f'--workdir {tmp_path}/w --log-dir {tmp_path}/w/logs -- --config.train.init_from={ckpt}'
+  )
   assert not (tmp_path / 'w' / 'layerskip_config.json').exists()  # the check wrote nothing (sbatch makes the logs)
 
 
@@ -404,8 +499,21 @@ def test_sbatch_job_runs_srun_after_a_passing_check(tmp_path):
 
 
 def _tpu(tmp_path, *args, **env):
-  return _run(TPU, '--tpu', 'my-v5p', '--zone', 'us-east5-a', '--workdir', str(tmp_path / 'w'), '--repo', str(ROOT),
-              '--python', sys.executable, *args, env=_stubs(tmp_path, **env))
+  return _run(
+    TPU,
+    '--tpu',
+    'my-v5p',
+    '--zone',
+    'us-east5-a',
+    '--workdir',
+    str(tmp_path / 'w'),
+    '--repo',
+    str(ROOT),
+    '--python',
+    sys.executable,
+    *args,
+    env=_stubs(tmp_path, **env),
+  )
 
 
 def _workers(calls: list[str]) -> list[str]:
@@ -451,9 +559,11 @@ def test_tpu_setup_checks_the_new_code_before_stopping_and_installing(tmp_path):
 def test_tpu_setup_on_workers_without_the_environment(tmp_path):
   """A new VM: the code cannot run before the install. Checked after the install, unless a trainer runs."""
   python = tmp_path / 'python3'  # the workers' interpreter: jax only once the setup has installed it
-  python.write_text(f'#!/bin/bash\nif [ ! -e {tmp_path}/worker_tmp/installed ]; then\n'
-                    '  echo "ModuleNotFoundError: No module named \'jax\'" >&2; exit 1\nfi\n'
-                    f'exec {sys.executable} "$@"\n')
+  python.write_text(
+    f'#!/bin/bash\nif [ ! -e {tmp_path}/worker_tmp/installed ]; then\n'
+    '  echo "ModuleNotFoundError: No module named \'jax\'" >&2; exit 1\nfi\n'
+    f'exec {sys.executable} "$@"\n'
+  )
   python.chmod(0o755)
   result = _tpu(tmp_path, '--setup', '--config', 'tiny', '--python', str(python), FAKE_TRAINER_RUNNING='1')
   _one_line_error(result)
@@ -464,8 +574,15 @@ def test_tpu_setup_on_workers_without_the_environment(tmp_path):
   assert result.returncode == 0, result.stderr
   assert 'note: could not check the config before the install' in result.stdout
   assert f'ok: would start {tmp_path}/w from scratch' in result.stdout
-  assert _workers(_calls(tmp_path)) == ['scp', '0: --dry_run', '0: pgrep', 'all: pkill', 'all: pip install',
-                                        '0: --dry_run', 'all: setsid nohup']
+  assert _workers(_calls(tmp_path)) == [
+    'scp',
+    '0: --dry_run',
+    '0: pgrep',
+    'all: pkill',
+    'all: pip install',
+    '0: --dry_run',
+    'all: setsid nohup',
+  ]
 
 
 def test_tpu_without_the_environment_says_what_to_do(tmp_path):
@@ -525,10 +642,18 @@ with open(os.environ['FAKE_SCONTROL_LOG'], 'a') as f:
   f.write(' '.join(sys.argv[1:]) + '\\n')
 '''
 
-TINY = ['--config', 'tiny', '--config.model.hidden_size=64', '--config.model.num_hidden_layers=2',
-        '--config.model.intermediate_size=128', '--config.train.seq_len=64', '--config.train.batch_size=4',
-        '--config.data.eval_split=', '--config.checkpoint.every_steps=1000',
-        '--config.train.warmup_steps=2']
+TINY = [
+  '--config',
+  'tiny',
+  '--config.model.hidden_size=64',
+  '--config.model.num_hidden_layers=2',
+  '--config.model.intermediate_size=128',
+  '--config.train.seq_len=64',
+  '--config.train.batch_size=4',
+  '--config.data.eval_split=',
+  '--config.checkpoint.every_steps=1000',
+  '--config.train.warmup_steps=2',
+]
 
 
 def _slurm_job_id_for_free_port() -> int:
@@ -559,18 +684,38 @@ def test_simulated_slurm_job_joins_one_cluster_is_preempted_requeues_and_resumes
   workdir, logs = tmp_path / 'run', tmp_path / 'run' / 'logs'
   env = dict(_env(), **host_devices_env(1))  # JAX_PLATFORMS=cpu, one CPU device per process, this checkout
   env = {k: v for k, v in env.items() if not k.startswith('SLURM_')}
-  env.update(PATH=f'{bin_dir}:{env["PATH"]}', PYTHON=sys.executable, FAKE_SRUN_PIDS=str(tmp_path / 'pids'),
-             FAKE_SCONTROL_LOG=str(tmp_path / 'scontrol.log'),
-             # what sbatch sets in the batch script of a 1-node, 2-task allocation
-             SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME='layerskip', SLURM_NTASKS='2', SLURM_NPROCS='2',
-             SLURM_NNODES='1', SLURM_JOB_NUM_NODES='1', SLURM_JOB_NODELIST='127.0.0.1', SLURM_NODELIST='127.0.0.1',
-             SLURM_NTASKS_PER_NODE='2', SLURM_TASKS_PER_NODE='2', SLURM_SUBMIT_DIR=str(ROOT), SLURM_RESTART_COUNT='0')
-  args = [str(SBATCH), '--workdir', str(workdir), *TINY, f'--config.data.cache_dir={tmp_path / "cache"}',
-          '--config.train.steps=16']
+  env.update(
+    PATH=f'{bin_dir}:{env["PATH"]}',
+    PYTHON=sys.executable,
+    FAKE_SRUN_PIDS=str(tmp_path / 'pids'),
+    FAKE_SCONTROL_LOG=str(tmp_path / 'scontrol.log'),
+    # what sbatch sets in the batch script of a 1-node, 2-task allocation
+    SLURM_JOB_ID=str(job_id),
+    SLURM_JOB_NAME='layerskip',
+    SLURM_NTASKS='2',
+    SLURM_NPROCS='2',
+    SLURM_NNODES='1',
+    SLURM_JOB_NUM_NODES='1',
+    SLURM_JOB_NODELIST='127.0.0.1',
+    SLURM_NODELIST='127.0.0.1',
+    SLURM_NTASKS_PER_NODE='2',
+    SLURM_TASKS_PER_NODE='2',
+    SLURM_SUBMIT_DIR=str(ROOT),
+    SLURM_RESTART_COUNT='0',
+  )
+  args = [
+    str(SBATCH),
+    '--workdir',
+    str(workdir),
+    *TINY,
+    f'--config.data.cache_dir={tmp_path / "cache"}',
+    '--config.train.steps=16',
+  ]
 
   # First attempt: SIGTERM to every task once training runs, as SLURM's --signal=TERM@120 does before the limit.
-  job = subprocess.Popen(['bash', *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+  job = subprocess.Popen(
+    ['bash', *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   deadline = time.time() + 240
   while not _rows(workdir) and job.poll() is None and time.time() < deadline:
     time.sleep(0.05)

@@ -7,14 +7,25 @@ from conftest import ROOT
 
 # Lower number = lower layer. A module may import its own package's modules and those of lower layers only.
 LAYERS = {
-    'errors': 0,
-    'config': 1, 'outputs': 1,
-    'cli': 2, 'sharding': 2,
-    'data': 3, 'model': 3,
-    'objective': 4, 'checkpoint_dir': 4, 'inference': 4,
-    'train': 5, 'api': 5, 'convert': 5,
-    'benchmark': 6, 'evaluate': 6, 'generate': 6, 'print_config': 6, 'report': 6,
-    'gpu_check': 7,
+  'errors': 0,
+  'config': 1,
+  'outputs': 1,
+  'cli': 2,
+  'sharding': 2,
+  'data': 3,
+  'model': 3,
+  'objective': 4,
+  'checkpoint_dir': 4,
+  'inference': 4,
+  'train': 5,
+  'api': 5,
+  'convert': 5,
+  'benchmark': 6,
+  'evaluate': 6,
+  'generate': 6,
+  'print_config': 6,
+  'report': 6,
+  'gpu_check': 7,
 }
 
 # The one exception: config.validate reads the section schemas, the dataclasses whose fields carry each key's allowed
@@ -57,8 +68,10 @@ def test_imports_only_go_downward():
       if unit == 'config' and imported in SCHEMAS:
         continue
       if target != unit and LAYERS.get(target, 99) >= LAYERS[unit]:
-        wrong.append(f'{path.relative_to(ROOT)}:{line}: {unit} (layer {LAYERS[unit]}) imports {imported} '
-                     f'(layer {LAYERS.get(target)})')
+        wrong.append(
+          f'{path.relative_to(ROOT)}:{line}: {unit} (layer {LAYERS[unit]}) imports {imported} '
+          f'(layer {LAYERS.get(target)})'
+        )
   assert not wrong, '\n'.join(wrong)
 
 

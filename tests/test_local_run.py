@@ -13,8 +13,9 @@ LOCAL = ROOT / 'launch' / 'local.sh'
 
 
 def _run(*args, timeout=60, **env):
-  return subprocess.run(['bash', str(LOCAL), *args], env={**os.environ, **env}, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    ['bash', str(LOCAL), *args], env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -31,13 +32,29 @@ def test_help_and_bad_options():
 
 
 def test_dry_run_prints_the_whole_path_and_runs_nothing(tmp_path):
-  result = _run('--dry-run', '--with-baseline', '--workdir', str(tmp_path / 'run'), '--venv', str(tmp_path / 'venv'),
-                '--config.train.seed=1')
+  result = _run(
+    '--dry-run',
+    '--with-baseline',
+    '--workdir',
+    str(tmp_path / 'run'),
+    '--venv',
+    str(tmp_path / 'venv'),
+    '--config.train.seed=1',
+  )
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   modules = [c[c.index('-m') + 1] for c in commands if '-m' in c]
-  assert modules == ['venv', 'pip', 'pip', 'pip', 'layerskip_jax.train', 'layerskip_jax.train',
-                     'layerskip_jax.evaluate', 'layerskip_jax.benchmark', 'layerskip_jax.report']
+  assert modules == [
+    'venv',
+    'pip',
+    'pip',
+    'pip',
+    'layerskip_jax.train',
+    'layerskip_jax.train',
+    'layerskip_jax.evaluate',
+    'layerskip_jax.benchmark',
+    'layerskip_jax.report',
+  ]
   train, baseline = (c for c in commands if 'layerskip_jax.train' in c)
   assert train[train.index('--config') + 1] == 'tiny' and '--config.train.seed=1' in train
   assert {'--config.layerskip.p_max=0', '--config.layerskip.e_scale=0', '--config.train.seed=1'} <= set(baseline)
@@ -54,13 +71,20 @@ def test_dry_run_prints_the_whole_path_and_runs_nothing(tmp_path):
 def test_dry_run_equal_time_baseline(tmp_path):
   """--with-baseline=time times both train steps side by side first, then trains the baseline for the steps that
   take as long, in its own directory, and compares against it."""
-  result = _run('--dry-run', '--no-venv', '--with-baseline=time', '--workdir', str(tmp_path / 'run'),
-                '--config.train.steps=50')
+  result = _run(
+    '--dry-run', '--no-venv', '--with-baseline=time', '--workdir', str(tmp_path / 'run'), '--config.train.steps=50'
+  )
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   modules = [c[c.index('-m') + 1] for c in commands]
-  assert modules == ['layerskip_jax.train', 'layerskip_jax.train.bench', 'layerskip_jax.train',
-                     'layerskip_jax.evaluate', 'layerskip_jax.benchmark', 'layerskip_jax.report']
+  assert modules == [
+    'layerskip_jax.train',
+    'layerskip_jax.train.bench',
+    'layerskip_jax.train',
+    'layerskip_jax.evaluate',
+    'layerskip_jax.benchmark',
+    'layerskip_jax.report',
+  ]
   bench = commands[1]
   assert bench[bench.index('--speed_settings') + 1] == 'preset,baseline' and '--config.train.steps=50' in bench
   baseline = commands[2]
@@ -76,10 +100,11 @@ def test_dry_run_equal_time_baseline(tmp_path):
 def test_smoke_run_end_to_end(tmp_path):
   """The whole path, small: train LayerSkip and the baseline, evaluate every exit, benchmark, report."""
   workdir = tmp_path / 'run'
-  result = _run('--smoke', '--no-venv', '--with-baseline', '--workdir', str(workdir), timeout=900,
-                PYTHON=sys.executable)
+  result = _run(
+    '--smoke', '--no-venv', '--with-baseline', '--workdir', str(workdir), timeout=900, PYTHON=sys.executable
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  summary = result.stdout[result.stdout.rindex('=' * 80):]
+  summary = result.stdout[result.stdout.rindex('=' * 80) :]
   assert 'layerskip ppl' in summary and 'baseline ppl' in summary
   assert sum(line.split()[0].isdigit() for line in summary.splitlines()) == 8  # one row per exit
   assert 'self-speculative at batch 1:' in summary and 'x autoregressive' in summary
@@ -89,8 +114,20 @@ def test_smoke_run_end_to_end(tmp_path):
   assert {s['strategy'] for s in benchmark['settings']} == {'autoregressive', 'early_exit', 'self_speculative'}
   assert (workdir / 'eval.png').is_file() and (workdir / 'benchmark.png').is_file()
   # The two runs' training curves (the README's results figure comes from this command).
-  curves = subprocess.run([sys.executable, '-m', 'layerskip_jax.report', '--curves', f'{workdir},{workdir}_baseline',
-                           '--plot', str(tmp_path / 'curves.png')], cwd=ROOT, capture_output=True, text=True)
+  curves = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.report',
+      '--curves',
+      f'{workdir},{workdir}_baseline',
+      '--plot',
+      str(tmp_path / 'curves.png'),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert curves.returncode == 0, curves.stderr
   assert f'{workdir}: 6 steps in' in curves.stdout and f'{workdir}_baseline: 6 steps in' in curves.stdout
   assert (tmp_path / 'curves.png').is_file()

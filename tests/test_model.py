@@ -30,6 +30,7 @@ def _unrolled_hidden(model: Transformer, tokens):
   """x_1..x_L with a plain Python loop over layers: the reference the scan must match."""
   positions = default_positions(tokens)
   from layerskip_jax.model.rope import rope_tables
+
   cos, sin = rope_tables(positions, model.config)
   x, outs = model.embed(tokens), []
   for l in range(model.config.num_hidden_layers):
@@ -188,7 +189,8 @@ def test_collect_layers_returns_those_layers_outputs(small_model, small_config):
   x_all, every = small_model.run_train(x0, positions, sample_keep=keep, collect_layers=all_layers)
   chosen = jnp.asarray([2, 0], jnp.int32)
   x_some, some = jax.jit(lambda x, c: small_model.run_train(x, positions, sample_keep=keep, collect_layers=c))(
-      x0, chosen)
+    x0, chosen
+  )
   assert some.shape == (2, *x0.shape)
   _close(some, every[np.asarray(chosen)], 1e-6)
   _close(x_some, x_all, 1e-6)

@@ -21,8 +21,12 @@ NOTEBOOKS = ROOT / 'notebooks'
 LAYERWISE = NOTEBOOKS / '01_layerwise_predictions.ipynb'
 SPECULATIVE = NOTEBOOKS / '02_self_speculative_decoding.ipynb'
 STEPS = 4
-TRAIN_ARGS = ['--config.train.batch_size=4', '--config.train.seq_len=64', '--config.train.eval_every=0',
-              '--config.logging.tensorboard=false']
+TRAIN_ARGS = [
+  '--config.train.batch_size=4',
+  '--config.train.seq_len=64',
+  '--config.train.eval_every=0',
+  '--config.logging.tensorboard=false',
+]
 LAYERS = 8  # the tiny preset
 
 
@@ -30,10 +34,26 @@ LAYERS = 8  # the tiny preset
 def runs(tmp_path_factory):
   """A runs directory holding tiny/ (LayerSkip) as the README's command makes it, only shorter."""
   runs = tmp_path_factory.mktemp('runs')
-  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir',
-                           str(runs / 'tiny'), f'--config.train.steps={STEPS}', '--config.logging.progress_bar=false',
-                           *TRAIN_ARGS], env=host_devices_env(1), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.train',
+      '--config',
+      'tiny',
+      '--workdir',
+      str(runs / 'tiny'),
+      f'--config.train.steps={STEPS}',
+      '--config.logging.progress_bar=false',
+      *TRAIN_ARGS,
+    ],
+    env=host_devices_env(1),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return runs
 
@@ -42,8 +62,12 @@ def execute(path, cwd, **settings):
   """Runs the notebook in `cwd` with `settings` as environment variables; returns its text output and images."""
   nb = nbformat.read(path, as_version=4)
   env = {k: v for k, v in host_devices_env(1).items() if not k.startswith('LAYERSKIP_')}  # none of the caller's
-  env.update(MPLBACKEND='module://matplotlib_inline.backend_inline', LAYERSKIP_NOTEBOOK_STEPS=str(STEPS),
-             LAYERSKIP_NOTEBOOK_TRAIN_ARGS=' '.join(TRAIN_ARGS), **settings)
+  env.update(
+    MPLBACKEND='module://matplotlib_inline.backend_inline',
+    LAYERSKIP_NOTEBOOK_STEPS=str(STEPS),
+    LAYERSKIP_NOTEBOOK_TRAIN_ARGS=' '.join(TRAIN_ARGS),
+    **settings,
+  )
   NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(cwd)}}).execute(env=env)
   text, images = [], 0
   for cell in nb.cells:
@@ -58,9 +82,16 @@ def execute(path, cwd, **settings):
 
 @pytest.mark.slow
 def test_layerwise_predictions_notebook(runs, tmp_path):
-  text, images = execute(LAYERWISE, tmp_path, LAYERSKIP_RUNS_DIR=str(runs), LAYERSKIP_LAYERWISE_PROMPTS='2',
-                         LAYERSKIP_LAYERWISE_LEN='32', LAYERSKIP_EVAL_BATCHES='2', LAYERSKIP_EVAL_BATCH_SIZE='4',
-                         LAYERSKIP_EVAL_SEQ_LEN='64')
+  text, images = execute(
+    LAYERWISE,
+    tmp_path,
+    LAYERSKIP_RUNS_DIR=str(runs),
+    LAYERSKIP_LAYERWISE_PROMPTS='2',
+    LAYERSKIP_LAYERWISE_LEN='32',
+    LAYERSKIP_EVAL_BATCHES='2',
+    LAYERSKIP_EVAL_BATCH_SIZE='4',
+    LAYERSKIP_EVAL_SEQ_LEN='64',
+  )
   assert f'LAYERSKIP_CKPT: {runs / "tiny"} (step {STEPS}, found)' in text
   assert f'LAYERSKIP_BASELINE_CKPT: {runs / "tiny_baseline"} (step {STEPS}, trained here)' in text
   baseline = json.loads((runs / 'tiny_baseline' / 'layerskip_config.json').read_text())
@@ -69,8 +100,12 @@ def test_layerwise_predictions_notebook(runs, tmp_path):
   # the layer-wise table: one row per prompt token with L predictions, for both checkpoints
   assert text.count(' E=1 ') == 2 and f'E={LAYERS} | settle ok' in text
   for name in ('LayerSkip', 'baseline'):
-    match = re.search(rf'^{name}: mean settle exit (\d+\.\d\d) of {LAYERS} on the prompt .*; (\d+\.\d\d) of '
-                      rf'{LAYERS} \(\d+%\) over 2 held-out prompts x 32 tokens$', text, re.MULTILINE)
+    match = re.search(
+      rf'^{name}: mean settle exit (\d+\.\d\d) of {LAYERS} on the prompt .*; (\d+\.\d\d) of '
+      rf'{LAYERS} \(\d+%\) over 2 held-out prompts x 32 tokens$',
+      text,
+      re.MULTILINE,
+    )
     assert match, f'no settle statistic for {name}'
     assert all(1 <= float(v) <= LAYERS for v in match.groups())
   # the per-exit table: L rows of perplexity, agreement and accuracy for both
@@ -84,11 +119,19 @@ def test_layerwise_predictions_notebook(runs, tmp_path):
 def test_self_speculative_decoding_notebook(runs, tmp_path):
   ckpt = str(runs / 'tiny')
   # The baseline is any second checkpoint here (the same one): this runs the notebook's baseline-acceptance code.
-  text, images = execute(SPECULATIVE, tmp_path, LAYERSKIP_CKPT=ckpt, LAYERSKIP_BASELINE_CKPT=ckpt,
-                         LAYERSKIP_RUNS_DIR=str(tmp_path / 'none'), LAYERSKIP_BENCH_NUM_PROMPTS='2',
-                         LAYERSKIP_BENCH_PROMPT_LEN='32', LAYERSKIP_BENCH_MAX_NEW_TOKENS='16',
-                         LAYERSKIP_BENCH_EXIT_LAYERS='2,4,6', LAYERSKIP_BENCH_NUM_SPECULATIONS='2,4',
-                         LAYERSKIP_BENCH_REPEATS='1')
+  text, images = execute(
+    SPECULATIVE,
+    tmp_path,
+    LAYERSKIP_CKPT=ckpt,
+    LAYERSKIP_BASELINE_CKPT=ckpt,
+    LAYERSKIP_RUNS_DIR=str(tmp_path / 'none'),
+    LAYERSKIP_BENCH_NUM_PROMPTS='2',
+    LAYERSKIP_BENCH_PROMPT_LEN='32',
+    LAYERSKIP_BENCH_MAX_NEW_TOKENS='16',
+    LAYERSKIP_BENCH_EXIT_LAYERS='2,4,6',
+    LAYERSKIP_BENCH_NUM_SPECULATIONS='2,4',
+    LAYERSKIP_BENCH_REPEATS='1',
+  )
   assert f'LAYERSKIP_CKPT: {ckpt} (step {STEPS}, from $LAYERSKIP_CKPT)' in text
   assert 'greedy self-speculative output equals autoregressive output: True (6 (E, d) settings x 2 prompts' in text
   spec = re.findall(r'^ +self_speculative +(\d) +(\d) .* (\d\.\d\d)$', text, re.MULTILINE)

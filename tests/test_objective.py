@@ -23,11 +23,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # --- schedules: hand-computed formulas (spec section 1) ------------------------------------------------------
 
+
 def _depth(name, l, num_layers):
   x = l / (num_layers - 1)
-  return {'exp': 2 ** x - 1, 'uniform': 1.0, 'linear': x, 'log': math.log(l + 1) / math.log(num_layers),
-          'sin': math.sin(math.pi * l / (2 * (num_layers - 1))),
-          'sigmoid': 1 / (1 + math.exp(-10 * (x - 0.5)))}[name]
+  return {
+    'exp': 2**x - 1,
+    'uniform': 1.0,
+    'linear': x,
+    'log': math.log(l + 1) / math.log(num_layers),
+    'sin': math.sin(math.pi * l / (2 * (num_layers - 1))),
+    'sigmoid': 1 / (1 + math.exp(-10 * (x - 0.5))),
+  }[name]
 
 
 @pytest.mark.parametrize('num_layers', [2, 5, 8, 32])
@@ -47,8 +53,12 @@ def test_layer_dropout_probs_match_the_formulas(num_layers, depth, time):
 
 
 def test_schedules_are_pure_functions_of_a_traced_step():
-  jitted = jax.jit(lambda t: (objective.layer_dropout_probs(8, 0.2, t, 100, 'exp', 'exp'),
-                              objective.early_exit_weights(8, t, 100, 'gradual', 4, 1.0)))
+  jitted = jax.jit(
+    lambda t: (
+      objective.layer_dropout_probs(8, 0.2, t, 100, 'exp', 'exp'),
+      objective.early_exit_weights(8, t, 100, 'gradual', 4, 1.0),
+    )
+  )
   for step in (0, 17, 60, 99):
     probs, weights = jitted(jnp.int32(step))
     np.testing.assert_allclose(probs, objective.layer_dropout_probs(8, 0.2, step, 100, 'exp', 'exp'), rtol=1e-6)
@@ -87,6 +97,7 @@ def test_draft_exit_is_supervised_every_step():
   assert objective.max_supervised_exits(8, 100, 'rotational', 2, 1.0) == 4
   assert objective.max_supervised_exits(8, 100, 'rotational', 2, 1.0, 4) == 5
   from layerskip_jax import config as config_lib
+
   with pytest.raises(config_lib.ConfigError, match=r'layerskip\.draft_exit=8: must be an early exit, 1\.\.7'):
     config_lib.load('tiny', {'layerskip.draft_exit': 8})
 
@@ -117,9 +128,20 @@ def test_weights_normalised_and_static_bound():
 
 # --- layer-dropout masks -------------------------------------------------------------------------------------
 
+
 def _masks(step, microbatch=0, batch=64, mode='per_sample', p_max=0.5, time='constant', seed=0):
-  return objective.keep_masks(8, batch, step, microbatch, seed=seed, p_max=p_max, total_steps=1000,
-                              depth_schedule='exp', time_schedule=time, mode=mode)
+  return objective.keep_masks(
+    8,
+    batch,
+    step,
+    microbatch,
+    seed=seed,
+    p_max=p_max,
+    total_steps=1000,
+    depth_schedule='exp',
+    time_schedule=time,
+    mode=mode,
+  )
 
 
 def test_empirical_drop_rates_match_the_probabilities():
@@ -171,10 +193,14 @@ def test_masks_on_8_devices_equal_one_device():
 
 # --- the loss ------------------------------------------------------------------------------------------------
 
+
 def _batch(vocab=128, batch=2, seq=24, seed=0):
   tokens = np.random.RandomState(seed).randint(0, vocab, (batch, seq + 1))
-  return {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32), 'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
-          'loss_mask': jnp.ones((batch, seq), jnp.float32)}
+  return {
+    'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
+    'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
+    'loss_mask': jnp.ones((batch, seq), jnp.float32),
+  }
 
 
 def _reference_ce(logits, targets, mask):
@@ -199,7 +225,8 @@ def test_baseline_is_a_plain_language_model_loss(small_model):
     return _reference_ce(model(batch['inputs']), batch['targets'], batch['loss_mask'])
 
   (loss, g), (loss_same, g_same), (loss_ref, g_ref) = (
-      nnx.jit(nnx.value_and_grad(f))(small_model) for f in (objective_loss, same_path_without_exit_terms, unchunked))
+    nnx.jit(nnx.value_and_grad(f))(small_model) for f in (objective_loss, same_path_without_exit_terms, unchunked)
+  )
   assert float(loss) == float(loss_same)  # bit-exact
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_same)):
     np.testing.assert_array_equal(a, b)
@@ -221,13 +248,16 @@ def test_baseline_draws_no_masks_and_computes_one_exit(small_model):
 def test_each_exit_is_the_output_of_its_layers(small_model, curriculum):
   """exit_ce[l] is CE(g(x_{l+1})): the output of layer l, the same as model(exit_layer=l+1) (spec section 3)."""
   batch = _batch()
-  cfg = ObjectiveConfig(total_steps=40, p_max=0.0, e_scale=1.0, curriculum=curriculum, rotation_period=2,
-                        ce_chunk_len=10)
+  cfg = ObjectiveConfig(
+    total_steps=40, p_max=0.0, e_scale=1.0, curriculum=curriculum, rotation_period=2, ce_chunk_len=10
+  )
   step = 25
   loss, metrics = nnx.jit(lambda m: layerskip_loss(m, batch, step, 0, cfg))(small_model)
   weights = np.asarray(objective.early_exit_weights(4, step, 40, curriculum, 2, 1.0))
-  want = [float(_reference_ce(small_model(batch['inputs'], exit_layer=l + 1), batch['targets'],
-                              batch['loss_mask'])) for l in range(4)]
+  want = [
+    float(_reference_ce(small_model(batch['inputs'], exit_layer=l + 1), batch['targets'], batch['loss_mask']))
+    for l in range(4)
+  ]
   exit_ce = np.asarray(metrics['exit_ce'])
   for l in range(4):
     if weights[l] > 0:
@@ -251,8 +281,7 @@ def test_padding_is_masked(small_model):
 def test_exit_token_fraction_is_an_unbiased_subsample(small_model):
   batch = _batch(seq=32)
   full_cfg = ObjectiveConfig(total_steps=1000, p_max=0.0, curriculum='none', ce_chunk_len=16)
-  part_cfg = ObjectiveConfig(total_steps=1000, p_max=0.0, curriculum='none', ce_chunk_len=16,
-                             exit_token_fraction=0.25)
+  part_cfg = ObjectiveConfig(total_steps=1000, p_max=0.0, curriculum='none', ce_chunk_len=16, exit_token_fraction=0.25)
   full = np.asarray(layerskip_loss(small_model, batch, 0, 0, full_cfg)[1]['exit_ce'])
   run = jax.jit(jax.vmap(lambda t: layerskip_loss(small_model, batch, t, 0, part_cfg)[1]['exit_ce']))
   samples = np.asarray(run(jnp.arange(300)))  # [300, L]
@@ -284,6 +313,7 @@ def test_dropout_changes_the_loss_only_in_training(small_model):
 
 def test_layerskip_gradients_flow_to_early_layers_through_the_exits():
   from conftest import SMALL
+
   model = create(SMALL, seed=0)
   batch = _batch()
   cfg = ObjectiveConfig(total_steps=10, p_max=0.0, curriculum='none', e_scale=1.0)
@@ -296,6 +326,7 @@ def test_exit_statistics_chunked_equal_a_full_logits_reference(small_model):
   """Every exit, the last included, is evaluated chunk by chunk (odd chunk length, a padded last chunk): the sums
   equal those from full [B, T, V] logits, and the program holds no [B, T, V] array."""
   from layerskip_jax.objective.loss import exit_statistics
+
   batch = _batch(batch=4)  # 96 tokens: more rows than the head's kernel has (64), so the shape check can tell
   batch['loss_mask'] = batch['loss_mask'].at[0, :3].set(0.0)
   stats = jax.jit(lambda b: exit_statistics(small_model, b, chunk_len=5))(batch)
@@ -303,14 +334,16 @@ def test_exit_statistics_chunked_equal_a_full_logits_reference(small_model):
   mask = np.asarray(batch['loss_mask'])
   top1 = np.asarray(jnp.argmax(logits, axis=-1))
   targets = np.asarray(batch['targets'])
-  ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch['targets'][None, ..., None],
-                                                                     -1)[..., 0])
+  ce = np.asarray(
+    jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch['targets'][None, ..., None], -1)[..., 0]
+  )
   np.testing.assert_allclose(stats['ce'], (ce * mask).sum((1, 2)), rtol=1e-5)
   np.testing.assert_allclose(stats['correct'], ((top1 == targets) * mask).sum((1, 2)))
   np.testing.assert_allclose(stats['agree_final'], ((top1 == top1[-1]) * mask).sum((1, 2)))
   assert float(stats['agree_final'][-1]) == float(stats['tokens']) == mask.sum()
   import math
   import re
+
   text = str(jax.make_jaxpr(lambda b: exit_statistics(small_model, b, 5))(batch))  # nested scans included
   shapes = [tuple(map(int, m.split(','))) for m in re.findall(r'f32\[([\d,]+)\]', text)]
   vocab, tokens = small_model.config.vocab_size, batch['inputs'].size
@@ -320,13 +353,14 @@ def test_exit_statistics_chunked_equal_a_full_logits_reference(small_model):
 
 # --- self-distillation (spec section 1.5) ------------------------------------------------------------------------
 
+
 def _reference_distillation(logits, teacher, targets, mask, kind, tau):
   """The spec's D over the whole sequence at once: KL(p_L || p_l) tau^2 at temperature tau, or CE with argmax z_L."""
   if kind == 'hard':
     d = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(teacher, -1))
   else:
     p = jax.nn.softmax(teacher / tau, -1)
-    d = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits / tau, -1)), -1) * tau ** 2
+    d = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits / tau, -1)), -1) * tau**2
   return jnp.sum(d * mask) / jnp.sum(mask)
 
 
@@ -337,8 +371,15 @@ def test_distillation_matches_an_unchunked_reference(small_model, kind, tau):
   batch = _batch()
   batch['loss_mask'] = batch['loss_mask'].at[0, 20:].set(0)
   lam = 0.3
-  cfg = ObjectiveConfig(total_steps=10, p_max=0.0, curriculum='none', ce_chunk_len=7, distill_weight=lam,
-                        distill=kind, distill_temperature=tau)
+  cfg = ObjectiveConfig(
+    total_steps=10,
+    p_max=0.0,
+    curriculum='none',
+    ce_chunk_len=7,
+    distill_weight=lam,
+    distill=kind,
+    distill_temperature=tau,
+  )
   loss, metrics = nnx.jit(lambda m: layerskip_loss(m, batch, 1, 0, cfg))(small_model)
   weights = np.asarray(objective.early_exit_weights(4, 1, 10, 'none', 4, 1.0))
   teacher = small_model(batch['inputs'])
@@ -376,13 +417,22 @@ def test_no_gradient_reaches_the_last_exit_through_distillation(small_model):
 
 def test_distillation_config_is_checked():
   from layerskip_jax import config as config_lib
-  for override, message in (('layerskip.distill=kl', "layerskip.distill='kl'"),
-                            ('layerskip.distill_weight=1.5', 'layerskip.distill_weight=1.5'),
-                            ('layerskip.distill_temperature=0', 'layerskip.distill_temperature=0')):
+
+  for override, message in (
+    ('layerskip.distill=kl', "layerskip.distill='kl'"),
+    ('layerskip.distill_weight=1.5', 'layerskip.distill_weight=1.5'),
+    ('layerskip.distill_temperature=0', 'layerskip.distill_temperature=0'),
+  ):
     key, value = override.split('=')
     with pytest.raises(config_lib.ConfigError, match=message.replace('.', r'\.').replace('(', r'\(')):
-      config_lib.load('tiny', {key: type(config_lib.load('tiny')[key.split('.')[0]][key.split('.')[1]])(value)
-                               if key != 'layerskip.distill' else value})
+      config_lib.load(
+        'tiny',
+        {
+          key: type(config_lib.load('tiny')[key.split('.')[0]][key.split('.')[1]])(value)
+          if key != 'layerskip.distill'
+          else value
+        },
+      )
 
 
 def test_distillation_lambda_warms_up(small_model):

@@ -9,17 +9,39 @@ from conftest import ROOT, host_devices_env
 
 pytestmark = pytest.mark.slow
 
-SMALL = ['--config.model.num_hidden_layers=2', '--config.model.hidden_size=128', '--config.model.intermediate_size=256',
-         '--config.train.seq_len=128', '--config.train.batch_size=8']
+SMALL = [
+  '--config.model.num_hidden_layers=2',
+  '--config.model.hidden_size=128',
+  '--config.model.intermediate_size=256',
+  '--config.train.seq_len=128',
+  '--config.train.batch_size=8',
+]
 
 
 def _plan(tmp_path, *args):
   out = tmp_path / 'plan.json'
   env = host_devices_env(1)  # the planner sets the simulated device count itself
   env.pop('XLA_FLAGS')
-  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train.plan', '--config', 'tiny', '--devices', '8',
-                           '--json', str(out), *SMALL, *args], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'layerskip_jax.train.plan',
+      '--config',
+      'tiny',
+      '--devices',
+      '8',
+      '--json',
+      str(out),
+      *SMALL,
+      *args,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   return result, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -50,8 +72,9 @@ def test_plan_refuses_what_does_not_fit_and_finds_the_largest_batch(tmp_path):
     result, report = _plan(tmp_path, '--noeval', f'--config.train.batch_size={batch}')
     assert result.returncode == 0, result.stderr[-2000:]
     peaks.append(report['plan']['peak_bytes'])
-  result, report = _plan(tmp_path, '--max_batch', '--noeval', f'--device_memory_gb={sum(peaks) / 2 / 1e9}',
-                         '--memory_fraction=1')
+  result, report = _plan(
+    tmp_path, '--max_batch', '--noeval', f'--device_memory_gb={sum(peaks) / 2 / 1e9}', '--memory_fraction=1'
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert report['plan']['batch_size'] == 8 and 'fits: batch 8 (1 per device)' in result.stdout
   assert [p['batch_per_device'] for p in report['tried']] == [1, 2]

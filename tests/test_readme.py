@@ -27,7 +27,7 @@ def _commands() -> list[list[str]]:
       while words:  # `a && b`: both
         cut = words.index('&&') if '&&' in words else len(words)
         commands.append(words[:cut])
-        words = words[cut + 1:]
+        words = words[cut + 1 :]
   return commands
 
 
@@ -44,10 +44,13 @@ CI_COMMANDS = 4  # after the main command: install, the format check, the lint c
 def test_the_readme_opens_with_the_main_command_and_the_ci_command():
   ci = (ROOT / '.ci' / 'run').read_text().strip().splitlines()[-1]
   assert COMMANDS[0] == ['bash', 'launch/local.sh']
-  readme_ci = ' && '.join(' '.join(c) for c in COMMANDS[1:1 + CI_COMMANDS])
+  readme_ci = ' && '.join(' '.join(c) for c in COMMANDS[1 : 1 + CI_COMMANDS])
   assert readme_ci in ci.replace('pip install -q', 'pip install')
-  assert COMMANDS[2:1 + CI_COMMANDS] == [['ruff', 'format', '--check', '.'], ['ruff', 'check', '.'],
-                                         ['python', '-m', 'pytest', '-q']]
+  assert COMMANDS[2 : 1 + CI_COMMANDS] == [
+    ['ruff', 'format', '--check', '.'],
+    ['ruff', 'check', '.'],
+    ['python', '-m', 'pytest', '-q'],
+  ]
 
 
 @pytest.mark.parametrize('command', COMMANDS, ids=_id)
@@ -63,12 +66,17 @@ def test_readme_command(command, tmp_path):
   elif command[0].startswith('launch/'):
     command = ['bash'] + command
   if command[0] == 'bash':
-    result = subprocess.run([*command, '--dry-run'], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([*command, '--dry-run'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert 'python' in result.stdout and 'layerskip_jax' in result.stdout
     return
   assert command[:3] in (['python', '-m', command[2]],) and command[2].startswith('layerskip_jax.'), command
-  result = subprocess.run([sys.executable, *command[1:]], env={**env, "LAYERSKIP_PARSE_ONLY": "1"}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, *command[1:]],
+    env={**env, "LAYERSKIP_PARSE_ONLY": "1"},
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr

@@ -16,12 +16,24 @@ from conftest import ROOT, host_devices_env, run_processes
 
 pytestmark = pytest.mark.slow
 
-SMALL = ['--config.model.hidden_size=64', '--config.model.num_hidden_layers=4', '--config.model.num_attention_heads=4',
-         '--config.model.num_key_value_heads=2', '--config.model.intermediate_size=128', '--config.train.seq_len=64',
-         '--config.train.batch_size=8', '--config.train.steps=16', '--config.checkpoint.every_steps=4',
-         '--config.train.eval_every=8', '--config.train.eval_batches=2', '--config.logging.progress_bar=false',
-         '--config.layerskip.time_schedule=constant', '--config.layerskip.p_max=0.3',
-         '--config.layerskip.rotation_period=2', '--config.train.warmup_steps=4']
+SMALL = [
+  '--config.model.hidden_size=64',
+  '--config.model.num_hidden_layers=4',
+  '--config.model.num_attention_heads=4',
+  '--config.model.num_key_value_heads=2',
+  '--config.model.intermediate_size=128',
+  '--config.train.seq_len=64',
+  '--config.train.batch_size=8',
+  '--config.train.steps=16',
+  '--config.checkpoint.every_steps=4',
+  '--config.train.eval_every=8',
+  '--config.train.eval_batches=2',
+  '--config.logging.progress_bar=false',
+  '--config.layerskip.time_schedule=constant',
+  '--config.layerskip.p_max=0.3',
+  '--config.layerskip.rotation_period=2',
+  '--config.train.warmup_steps=4',
+]
 EXACT_KEYS = ('loss', 'ce_last', 'exit_ce', 'grad_norm')
 
 
@@ -31,16 +43,27 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _cmd(workdir, cache_dir, *extra):
-  return [sys.executable, '-m', 'layerskip_jax.train', '--config', 'tiny', '--workdir', str(workdir),
-          f'--config.data.cache_dir={cache_dir}', *SMALL, *extra]
+  return [
+    sys.executable,
+    '-m',
+    'layerskip_jax.train',
+    '--config',
+    'tiny',
+    '--workdir',
+    str(workdir),
+    f'--config.data.cache_dir={cache_dir}',
+    *SMALL,
+    *extra,
+  ]
 
 
 _env = host_devices_env
 
 
 def _run(workdir, cache_dir, *extra, devices=1, check=True):
-  result = subprocess.run(_cmd(workdir, cache_dir, *extra), env=_env(devices), capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+  result = subprocess.run(
+    _cmd(workdir, cache_dir, *extra), env=_env(devices), capture_output=True, text=True, timeout=900, cwd=ROOT
+  )
   if check:
     assert result.returncode == 0, result.stderr[-3000:]
   return result
@@ -74,8 +97,9 @@ def test_uninterrupted_run_writes_a_self_contained_workdir(reference):
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir, reference):
-  proc = subprocess.Popen(_cmd(tmp_path, cache_dir), env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, cwd=ROOT)
+  proc = subprocess.Popen(
+    _cmd(tmp_path, cache_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+  )
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -93,8 +117,14 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_dir, reference):
 
 
 def test_sigterm_checkpoints_and_exits_0(tmp_path, cache_dir, reference):
-  proc = subprocess.Popen(_cmd(tmp_path, cache_dir, '--config.checkpoint.every_steps=100'), env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  proc = subprocess.Popen(
+    _cmd(tmp_path, cache_dir, '--config.checkpoint.every_steps=100'),
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   metrics = tmp_path / 'metrics.jsonl'
   while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
     time.sleep(0.05)
@@ -121,8 +151,11 @@ def _copy_at(workdir, step, dest, *, legacy_data_state=False):
   if legacy_data_state:
     for f in files:
       state = json.loads(f.read_text())
-      f.write_text(json.dumps({'parent': {'next_index': state['next_chunk']}, 'next_row': 0,
-                               'counter': state['batches'] * 8}, indent=4))
+      f.write_text(
+        json.dumps(
+          {'parent': {'next_index': state['next_chunk']}, 'next_row': 0, 'counter': state['batches'] * 8}, indent=4
+        )
+      )
   return dest
 
 
@@ -134,8 +167,15 @@ def _same_rows_after(workdir, reference, step):
 
 
 def test_eight_devices_match_one_and_resume_on_another_mesh(tmp_path, cache_dir, reference):
-  _run(tmp_path / 'eight', cache_dir, '--config.train.steps=16', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
-       devices=8, check=True)
+  _run(
+    tmp_path / 'eight',
+    cache_dir,
+    '--config.train.steps=16',
+    '--config.mesh.fsdp=4',
+    '--config.mesh.tensor=2',
+    devices=8,
+    check=True,
+  )
   for a, b in zip(_rows(tmp_path / 'eight'), _rows(reference)):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=2e-5)
     np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=2e-4)
@@ -162,9 +202,17 @@ TWO_PROCESS_TRAIN = textwrap.dedent('''
 
 
 def _train_processes(workdir, cache_dir, processes, devices_per_process):
-  run_processes(TWO_PROCESS_TRAIN, processes, devices_per_process=devices_per_process, extra_env={
-      'LS_WORKDIR': str(workdir), 'LS_ARGS': ' '.join([f'--config.data.cache_dir={cache_dir}', *SMALL,
-                                                       '--config.checkpoint.preemption_check_every=4'])})
+  run_processes(
+    TWO_PROCESS_TRAIN,
+    processes,
+    devices_per_process=devices_per_process,
+    extra_env={
+      'LS_WORKDIR': str(workdir),
+      'LS_ARGS': ' '.join(
+        [f'--config.data.cache_dir={cache_dir}', *SMALL, '--config.checkpoint.preemption_check_every=4']
+      ),
+    },
+  )
 
 
 def test_two_processes_match_one_process_and_resume_on_one(tmp_path, cache_dir, reference):
@@ -193,16 +241,27 @@ def test_a_workdir_resumes_under_another_attention_kernel(tmp_path, cache_dir):
   """How the model computes may change on resume (workdirs started when attention_impl defaulted to 'xla' resume
   with 'auto'); the architecture may not (test_faults_are_clear)."""
   workdir = tmp_path / 'run'
-  _run(workdir, cache_dir, '--config.train.steps=4', '--config.model.attention_impl=xla',
-       '--config.model.remat_policy=none')
+  _run(
+    workdir,
+    cache_dir,
+    '--config.train.steps=4',
+    '--config.model.attention_impl=xla',
+    '--config.model.remat_policy=none',
+  )
   resumed = _run(workdir, cache_dir, '--config.train.steps=6')
   assert 'resumed from' in resumed.stdout
   assert [r['step'] for r in _rows(workdir)] == list(range(1, 7))
 
 
 def test_faults_are_clear(tmp_path, cache_dir, reference):
-  bad = _run(tmp_path / 'nan', cache_dir, '--config.train.learning_rate=1e12', '--config.train.grad_clip_norm=0',
-             '--config.train.warmup_steps=0', check=False)
+  bad = _run(
+    tmp_path / 'nan',
+    cache_dir,
+    '--config.train.learning_rate=1e12',
+    '--config.train.grad_clip_norm=0',
+    '--config.train.warmup_steps=0',
+    check=False,
+  )
   assert bad.returncode == 1 and 'non-finite loss' in bad.stderr and 'at step' in bad.stderr
   assert 'Traceback' not in bad.stderr
   changed = _run(reference, cache_dir, '--config.model.hidden_size=128', check=False)
@@ -224,15 +283,26 @@ def test_init_from_a_converted_checkpoint(tmp_path, cache_dir, reference):
   """Continual pretraining: weights only from CKPT, fresh optimizer, step 0 (here: a finished run's weights), in
   other numerics than the checkpoint's (weights cast to bfloat16, another remat policy): only the architecture must
   match, as for a converted Llama (saved with head_dim resolved and its own dtypes) continued with a preset."""
-  result = _run(tmp_path / 'continued', cache_dir, f'--config.train.init_from={reference}', '--config.train.steps=2',
-                '--config.model.param_dtype=bfloat16', '--config.model.remat_policy=none',
-                '--config.train.grad_accum_steps=2')
+  result = _run(
+    tmp_path / 'continued',
+    cache_dir,
+    f'--config.train.init_from={reference}',
+    '--config.train.steps=2',
+    '--config.model.param_dtype=bfloat16',
+    '--config.model.remat_policy=none',
+    '--config.train.grad_accum_steps=2',
+  )
   assert 'initialised from' in result.stdout and 'eval step temporaries' in result.stdout
   evals = _rows(tmp_path / 'continued', 'heldout')  # evaluated in microbatches of 4 rows, 2 x 8 sequences
   assert [r['step'] for r in evals] == [2] and len(evals[0]['exit_ce']) == 4
   rows = _rows(tmp_path / 'continued')
   assert [r['step'] for r in rows] == [1, 2] and rows[0]['learning_rate'] == 0.0
   assert rows[0]['ce_last'] < _rows(reference)[0]['ce_last'] - 0.3  # starts from trained weights
-  mismatch = _run(tmp_path / 'x', cache_dir, f'--config.train.init_from={reference}',
-                  '--config.model.intermediate_size=96', check=False)
+  mismatch = _run(
+    tmp_path / 'x',
+    cache_dir,
+    f'--config.train.init_from={reference}',
+    '--config.model.intermediate_size=96',
+    check=False,
+  )
   assert mismatch.returncode == 2 and 'model.intermediate_size=128 differs' in mismatch.stderr

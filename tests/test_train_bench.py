@@ -8,9 +8,18 @@ from conftest import ROOT
 
 from layerskip_jax.train import bench
 
-SMALL = ['model.num_hidden_layers=2', 'model.hidden_size=32', 'model.num_attention_heads=2',
-         'model.num_key_value_heads=1', 'model.intermediate_size=48', 'model.vocab_size=64', 'train.batch_size=2',
-         'train.seq_len=16', 'train.steps=40', 'model.attention_block=16']
+SMALL = [
+  'model.num_hidden_layers=2',
+  'model.hidden_size=32',
+  'model.num_attention_heads=2',
+  'model.num_key_value_heads=1',
+  'model.intermediate_size=48',
+  'model.vocab_size=64',
+  'train.batch_size=2',
+  'train.seq_len=16',
+  'train.steps=40',
+  'model.attention_block=16',
+]
 
 
 def test_speed_times_the_preset_against_the_baseline():
@@ -26,9 +35,13 @@ def test_speed_times_the_preset_against_the_baseline():
 
 
 def test_bad_speed_settings_are_one_line():
-  result = subprocess.run([sys.executable, '-m', 'layerskip_jax.train.bench', '--what', 'speed',
-                           '--speed_settings', 'preset,fastest'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-m', 'layerskip_jax.train.bench', '--what', 'speed', '--speed_settings', 'preset,fastest'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and '--speed_settings=preset,fastest: expected any of preset, ' in lines[0], result.stderr
@@ -57,8 +70,9 @@ def test_input_compares_the_loader_with_the_step_on_the_same_data(tmp_path):
   """--what input: the loader and the compiled step of one config, on its own data, in one run (data sits below
   train, so the comparison is made here, not in data.bench)."""
   model = [o for o in SMALL if not o.startswith(('model.vocab_size', 'train.'))]
-  report = bench.input_pipeline('tiny', 2, 3, [*model, 'train.batch_size=4', 'train.seq_len=32',
-                                               f'data.cache_dir={tmp_path / "cache"}'])
+  report = bench.input_pipeline(
+    'tiny', 2, 3, [*model, 'train.batch_size=4', 'train.seq_len=32', f'data.cache_dir={tmp_path / "cache"}']
+  )
   assert report['batch'] == 4 and report['seq_len'] == 32
   assert report['loader_tokens_per_sec'] > 0 and report['train_step_tokens_per_sec'] > 0
   assert report['loader_over_train'] == report['loader_tokens_per_sec'] / report['train_step_tokens_per_sec']

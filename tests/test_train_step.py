@@ -34,8 +34,11 @@ def _setup(small_config, grad_accum, objective, **train):
 
 def _batch(mask=1.0):
   tokens = np.random.RandomState(0).randint(0, 128, (4, 17))
-  return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
-          'loss_mask': jnp.full((4, 16), mask, jnp.float32)}
+  return {
+    'inputs': jnp.asarray(tokens[:, :-1]),
+    'targets': jnp.asarray(tokens[:, 1:]),
+    'loss_mask': jnp.full((4, 16), mask, jnp.float32),
+  }
 
 
 def test_gradient_accumulation_equals_the_full_batch(small_config):
@@ -63,15 +66,23 @@ def test_weight_decay_spares_norm_scales(small_config):
 
 
 def test_learning_rate_schedule():
-  train = config_lib.load('tiny', {'train.steps': 100, 'train.warmup_steps': 10, 'train.learning_rate': 1e-3,
-                                   'train.min_lr_ratio': 0.1}).train
+  train = config_lib.load(
+    'tiny', {'train.steps': 100, 'train.warmup_steps': 10, 'train.learning_rate': 1e-3, 'train.min_lr_ratio': 0.1}
+  ).train
   lr = learning_rate_schedule(train)
   assert float(lr(0)) == 0 and abs(float(lr(5)) - 5e-4) < 1e-9 and abs(float(lr(10)) - 1e-3) < 1e-9
   assert abs(float(lr(100)) - 1e-4) < 1e-9 and float(lr(55)) < 1e-3
 
 
-SMALL_OVERRIDES = {'model.hidden_size': 64, 'model.num_hidden_layers': 2, 'model.intermediate_size': 96,
-                   'model.vocab_size': 128, 'train.seq_len': 16, 'train.batch_size': 4, 'train.grad_accum_steps': 2}
+SMALL_OVERRIDES = {
+  'model.hidden_size': 64,
+  'model.num_hidden_layers': 2,
+  'model.intermediate_size': 96,
+  'model.vocab_size': 128,
+  'train.seq_len': 16,
+  'train.batch_size': 4,
+  'train.grad_accum_steps': 2,
+}
 
 
 @pytest.fixture(scope='module')
@@ -83,8 +94,9 @@ def compiled():
 def test_compile_steps_compiles_train_and_microbatch_eval_from_shapes(compiled):
   config, steps = compiled
   assert isinstance(steps, CompiledSteps) and isinstance(steps.abstract_state, TrainState)
-  assert all(isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None
-             for a in jax.tree.leaves(steps.abstract_state))
+  assert all(
+    isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None for a in jax.tree.leaves(steps.abstract_state)
+  )
   assert steps.train_seconds > 0 and steps.eval_seconds > 0
   assert steps.eval.memory_analysis() is not None
   state = init_state(config, steps)
@@ -93,7 +105,7 @@ def test_compile_steps_compiles_train_and_microbatch_eval_from_shapes(compiled):
   new, metrics = steps.train(state, batch, jnp.int32(0))
   assert isinstance(new, TrainState) and np.isfinite(float(metrics['loss'])) and float(metrics['tokens']) == 64
   # evaluation runs in microbatches of the train step's (4 / 2 rows): their sums are the whole batch's
-  halves = [steps.eval(params, {k: v[i:i + 2] for k, v in batch.items()}) for i in (0, 2)]
+  halves = [steps.eval(params, {k: v[i : i + 2] for k, v in batch.items()}) for i in (0, 2)]
   whole = exit_statistics(nnx.merge(steps.graphdef, params), batch, config.layerskip.ce_chunk_len)
   for key in ('ce', 'correct', 'agree_final', 'tokens'):
     np.testing.assert_allclose(halves[0][key] + halves[1][key], whole[key], rtol=1e-5)
@@ -117,12 +129,22 @@ def test_checkpoints_of_the_old_dict_layout_restore_as_train_state(tmp_path, com
   old_iterator = _iterator()
   for _ in range(3):
     next(old_iterator)
-  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler(),
-              DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()}
+  handlers = {
+    STATE_ITEM: ocp.StandardCheckpointHandler(),
+    META_ITEM: ocp.JsonCheckpointHandler(),
+    DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler(),
+  }
   with ocp.CheckpointManager(tmp_path / CHECKPOINTS_SUBDIR, item_handlers=handlers) as manager:
-    manager.save(5, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave({'params': state.params, 'opt_state': state.opt_state}),
-        DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(old_iterator), META_ITEM: ocp.args.JsonSave({'step': 5})}))
+    manager.save(
+      5,
+      args=ocp.args.Composite(
+        **{
+          STATE_ITEM: ocp.args.StandardSave({'params': state.params, 'opt_state': state.opt_state}),
+          DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(old_iterator),
+          META_ITEM: ocp.args.JsonSave({'step': 5}),
+        }
+      ),
+    )
     manager.wait_until_finished()
 
   checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
@@ -141,8 +163,9 @@ def test_checkpoints_of_the_old_dict_layout_restore_as_train_state(tmp_path, com
   checkpointer.wait()
   checkpointer.close()
   with ocp.CheckpointManager(tmp_path / CHECKPOINTS_SUBDIR, item_handlers=handlers) as manager:
-    raw = manager.restore(6, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(
-        steps.abstract_state.to_tree())}))
+    raw = manager.restore(
+      6, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(steps.abstract_state.to_tree())})
+    )
   assert set(raw[STATE_ITEM]) == {'params', 'opt_state'}  # the dict layout on disk
   again, checkpointer = _iterator(), Checkpointer(tmp_path, keep=3)
   checkpointer.restore(6, steps.abstract_state, again)
@@ -171,8 +194,10 @@ def test_prefetcher_raises_the_iterators_error_where_its_batch_was_wanted():
     if i == 2:
       raise ValueError('corrupt record')
     return {'inputs': np.zeros((2, 3), np.int32)}
-  feed = loader.Prefetcher(iter(grain.MapDataset.range(5).map(broken).to_iter_dataset()),
-                           sharding.single_device_mesh(), depth=2)
+
+  feed = loader.Prefetcher(
+    iter(grain.MapDataset.range(5).map(broken).to_iter_dataset()), sharding.single_device_mesh(), depth=2
+  )
   try:
     feed.next(), feed.next()
     with pytest.raises(ValueError, match='corrupt record'):

@@ -25,20 +25,20 @@ from layerskip_jax.model import ModelConfig, abstract
 
 # (path in our parameter tree, Hugging Face tensor name, transposed?). Per-layer names take the layer index.
 GLOBAL_TENSORS = (
-    (('embed_tokens',), 'model.embed_tokens.weight', False),
-    (('norm', 'scale'), 'model.norm.weight', False),
-    (('lm_head',), 'lm_head.weight', True),  # absent with tied embeddings
+  (('embed_tokens',), 'model.embed_tokens.weight', False),
+  (('norm', 'scale'), 'model.norm.weight', False),
+  (('lm_head',), 'lm_head.weight', True),  # absent with tied embeddings
 )
 LAYER_TENSORS = (
-    (('layers', 'input_layernorm', 'scale'), 'model.layers.{}.input_layernorm.weight', False),
-    (('layers', 'self_attn', 'q_proj'), 'model.layers.{}.self_attn.q_proj.weight', True),
-    (('layers', 'self_attn', 'k_proj'), 'model.layers.{}.self_attn.k_proj.weight', True),
-    (('layers', 'self_attn', 'v_proj'), 'model.layers.{}.self_attn.v_proj.weight', True),
-    (('layers', 'self_attn', 'o_proj'), 'model.layers.{}.self_attn.o_proj.weight', True),
-    (('layers', 'post_attention_layernorm', 'scale'), 'model.layers.{}.post_attention_layernorm.weight', False),
-    (('layers', 'mlp', 'gate_proj'), 'model.layers.{}.mlp.gate_proj.weight', True),
-    (('layers', 'mlp', 'up_proj'), 'model.layers.{}.mlp.up_proj.weight', True),
-    (('layers', 'mlp', 'down_proj'), 'model.layers.{}.mlp.down_proj.weight', True),
+  (('layers', 'input_layernorm', 'scale'), 'model.layers.{}.input_layernorm.weight', False),
+  (('layers', 'self_attn', 'q_proj'), 'model.layers.{}.self_attn.q_proj.weight', True),
+  (('layers', 'self_attn', 'k_proj'), 'model.layers.{}.self_attn.k_proj.weight', True),
+  (('layers', 'self_attn', 'v_proj'), 'model.layers.{}.self_attn.v_proj.weight', True),
+  (('layers', 'self_attn', 'o_proj'), 'model.layers.{}.self_attn.o_proj.weight', True),
+  (('layers', 'post_attention_layernorm', 'scale'), 'model.layers.{}.post_attention_layernorm.weight', False),
+  (('layers', 'mlp', 'gate_proj'), 'model.layers.{}.mlp.gate_proj.weight', True),
+  (('layers', 'mlp', 'up_proj'), 'model.layers.{}.mlp.up_proj.weight', True),
+  (('layers', 'mlp', 'down_proj'), 'model.layers.{}.mlp.down_proj.weight', True),
 )
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers some older checkpoints saved
 SUPPORTED_ROPE = ('default', 'linear', 'llama3')
@@ -46,6 +46,7 @@ TOKENIZER_SIDE_FILES = ('tokenizer_config.json', 'generation_config.json', 'spec
 
 
 # --- config.json ---------------------------------------------------------------------------------------------
+
 
 def _unsupported(hf: dict[str, Any]) -> str | None:
   model_type = hf.get('model_type', 'llama')
@@ -72,20 +73,24 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   scaling = dict(hf.get('rope_scaling') or rope)
   rope_type = scaling.get('rope_type', scaling.get('type', 'default'))
   if rope_type not in SUPPORTED_ROPE:
-    raise UsageError(f'config.json: rope scaling type {rope_type!r} is not supported; use one of '
-                     f'{", ".join(SUPPORTED_ROPE)}')
+    raise UsageError(
+      f'config.json: rope scaling type {rope_type!r} is not supported; use one of {", ".join(SUPPORTED_ROPE)}'
+    )
   heads = hf['num_attention_heads']
   out = {
-      'vocab_size': hf['vocab_size'], 'hidden_size': hf['hidden_size'],
-      'intermediate_size': hf['intermediate_size'], 'num_hidden_layers': hf['num_hidden_layers'],
-      'num_attention_heads': heads, 'num_key_value_heads': hf.get('num_key_value_heads') or heads,
-      'head_dim': hf.get('head_dim') or hf['hidden_size'] // heads,
-      'rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
-      'rms_norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-      'max_position_embeddings': hf.get('max_position_embeddings', 2048),
-      'tie_word_embeddings': bool(hf.get('tie_word_embeddings', False)),
-      'initializer_range': float(hf.get('initializer_range', 0.02)),
-      'rope_scaling.rope_type': rope_type,
+    'vocab_size': hf['vocab_size'],
+    'hidden_size': hf['hidden_size'],
+    'intermediate_size': hf['intermediate_size'],
+    'num_hidden_layers': hf['num_hidden_layers'],
+    'num_attention_heads': heads,
+    'num_key_value_heads': hf.get('num_key_value_heads') or heads,
+    'head_dim': hf.get('head_dim') or hf['hidden_size'] // heads,
+    'rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
+    'rms_norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+    'max_position_embeddings': hf.get('max_position_embeddings', 2048),
+    'tie_word_embeddings': bool(hf.get('tie_word_embeddings', False)),
+    'initializer_range': float(hf.get('initializer_range', 0.02)),
+    'rope_scaling.rope_type': rope_type,
   }
   if rope_type in ('linear', 'llama3'):
     out['rope_scaling.factor'] = float(scaling['factor'])
@@ -102,29 +107,55 @@ def hf_config_from_model(model: ModelConfig, bos_id: int | None, eos_ids: tuple[
   if rs.rope_type == 'linear':
     scaling = {'rope_type': 'linear', 'factor': rs.factor}
   elif rs.rope_type == 'llama3':
-    scaling = {'rope_type': 'llama3', 'factor': rs.factor, 'low_freq_factor': rs.low_freq_factor,
-               'high_freq_factor': rs.high_freq_factor,
-               'original_max_position_embeddings': rs.original_max_position_embeddings}
+    scaling = {
+      'rope_type': 'llama3',
+      'factor': rs.factor,
+      'low_freq_factor': rs.low_freq_factor,
+      'high_freq_factor': rs.high_freq_factor,
+      'original_max_position_embeddings': rs.original_max_position_embeddings,
+    }
   dtype = model.param_dtype
   return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': model.vocab_size,
-      'hidden_size': model.hidden_size, 'intermediate_size': model.intermediate_size,
-      'num_hidden_layers': model.num_hidden_layers, 'num_attention_heads': model.num_attention_heads,
-      'num_key_value_heads': model.num_key_value_heads, 'head_dim': model.head_dim, 'hidden_act': 'silu',
-      'max_position_embeddings': model.max_position_embeddings, 'rms_norm_eps': model.rms_norm_eps,
-      'rope_theta': model.rope_theta, 'rope_scaling': scaling, 'tie_word_embeddings': model.tie_word_embeddings,
-      'attention_bias': False, 'mlp_bias': False, 'initializer_range': model.initializer_range,
-      'dtype': dtype, 'torch_dtype': dtype, 'bos_token_id': bos_id,
-      'eos_token_id': (list(eos_ids) if len(eos_ids) > 1 else eos_ids[0]) if eos_ids else None,
+    'architectures': ['LlamaForCausalLM'],
+    'model_type': 'llama',
+    'vocab_size': model.vocab_size,
+    'hidden_size': model.hidden_size,
+    'intermediate_size': model.intermediate_size,
+    'num_hidden_layers': model.num_hidden_layers,
+    'num_attention_heads': model.num_attention_heads,
+    'num_key_value_heads': model.num_key_value_heads,
+    'head_dim': model.head_dim,
+    'hidden_act': 'silu',
+    'max_position_embeddings': model.max_position_embeddings,
+    'rms_norm_eps': model.rms_norm_eps,
+    'rope_theta': model.rope_theta,
+    'rope_scaling': scaling,
+    'tie_word_embeddings': model.tie_word_embeddings,
+    'attention_bias': False,
+    'mlp_bias': False,
+    'initializer_range': model.initializer_range,
+    'dtype': dtype,
+    'torch_dtype': dtype,
+    'bos_token_id': bos_id,
+    'eos_token_id': (list(eos_ids) if len(eos_ids) > 1 else eos_ids[0]) if eos_ids else None,
   }
 
 
 # --- import ----------------------------------------------------------------------------------------------------
 
 # safetensors dtype name -> numpy dtype
-_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-                       'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-                       'BOOL': np.bool_}
+_SAFETENSORS_DTYPES = {
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
+}
 
 
 _SAFETENSORS_NAMES = {np.dtype(v).name: k for k, v in _SAFETENSORS_DTYPES.items()}
@@ -136,8 +167,11 @@ def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, np.dtype, tu
   header, offset = {'__metadata__': {'format': 'pt'}}, 0
   for name, dtype, shape, _ in tensors:
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    header[name] = {'dtype': _SAFETENSORS_NAMES[np.dtype(dtype).name], 'shape': list(shape),
-                    'data_offsets': [offset, offset + nbytes]}
+    header[name] = {
+      'dtype': _SAFETENSORS_NAMES[np.dtype(dtype).name],
+      'shape': list(shape),
+      'data_offsets': [offset, offset + nbytes],
+    }
     offset += nbytes
   encoded = json.dumps(header, separators=(',', ':')).encode()
   encoded += b' ' * (-len(encoded) % 8)
@@ -163,8 +197,9 @@ class _SafetensorsReader:
       try:
         files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
       except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UsageError(f'{index}: not a safetensors index (a JSON object with a weight_map); download or copy it '
-                         'again') from None
+        raise UsageError(
+          f'{index}: not a safetensors index (a JSON object with a weight_map); download or copy it again'
+        ) from None
     elif single.is_file():
       files = [single.name]
     else:
@@ -199,14 +234,17 @@ class _SafetensorsReader:
         dtype, shape = info['dtype'], tuple(int(d) for d in info['shape'])
         begin, end = (int(v) for v in info['data_offsets'])
       except (KeyError, TypeError, ValueError):
-        raise UsageError(f'{damaged} (tensor {key} has no dtype, shape and data_offsets); download or copy it '
-                         'again') from None
+        raise UsageError(
+          f'{damaged} (tensor {key} has no dtype, shape and data_offsets); download or copy it again'
+        ) from None
       if dtype not in _SAFETENSORS_DTYPES:
         raise UsageError(f'{path}: tensor {key} has unsupported dtype {dtype}')
       itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
       if end - begin != math.prod(shape) * itemsize or 8 + header_len + end > size:
-        raise UsageError(f'{damaged}: tensor {key} needs bytes {begin}..{end} after the header, the file holds '
-                         f'{size - 8 - header_len}; it is truncated: download or copy it again')
+        raise UsageError(
+          f'{damaged}: tensor {key} needs bytes {begin}..{end} after the header, the file holds '
+          f'{size - 8 - header_len}; it is truncated: download or copy it again'
+        )
       self._entries[key] = (path, np.dtype(_SAFETENSORS_DTYPES[dtype]), shape, 8 + header_len + begin)
 
   def names(self) -> set[str]:
@@ -248,8 +286,9 @@ def _source_dtype(hf: dict[str, Any]) -> str:
   return dtype if dtype in config_lib.DTYPES else 'float32'
 
 
-def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False,
-              param_dtype: str | None = None) -> pathlib.Path:
+def import_hf(
+  hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False, param_dtype: str | None = None
+) -> pathlib.Path:
   """Converts a Hugging Face Llama directory into a checkpoint directory (one step, parameters only).
 
   Parameters are stored in `param_dtype` (default: the checkpoint's own dtype); peak host memory is one copy of
@@ -273,8 +312,14 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite:
     raise UsageError(f'--param_dtype={param_dtype}: must be one of {", ".join(config_lib.DTYPES)}')
   config = config_lib.base_config()
   try:
-    config_lib.apply_overrides(config, {**model_overrides_from_hf(hf), 'model.param_dtype': param_dtype,
-                                        'model.dtype': 'float32' if param_dtype == 'float32' else 'bfloat16'})
+    config_lib.apply_overrides(
+      config,
+      {
+        **model_overrides_from_hf(hf),
+        'model.param_dtype': param_dtype,
+        'model.dtype': 'float32' if param_dtype == 'float32' else 'bfloat16',
+      },
+    )
   except KeyError as e:
     raise UsageError(f'{config_file}: missing key {e}') from None
   config.train.seq_len = min(config.train.seq_len, config.model.max_position_embeddings)
@@ -285,18 +330,21 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite:
   shapes = nnx.to_pure_dict(nnx.state(abstract(model_config), nnx.Param))
   expected = list(_expected_tensors(model_config))
   for path, name, transposed, layer in expected:  # check everything before allocating anything
-    want = _get_path(shapes, path).shape[1 if layer is not None else 0:]
+    want = _get_path(shapes, path).shape[1 if layer is not None else 0 :]
     want = tuple(reversed(want)) if transposed else tuple(want)
     if name not in reader.names():
       raise UsageError(f'--hf_dir={hf_dir}: tensor {name} is missing')
     if reader.shape(name) != want:
-      raise UsageError(f'--hf_dir={hf_dir}: tensor {name} has shape {reader.shape(name)}, but config.json implies '
-                       f'{want}')
+      raise UsageError(
+        f'--hf_dir={hf_dir}: tensor {name} has shape {reader.shape(name)}, but config.json implies {want}'
+      )
   known = {name for _, name, _, _ in expected}
   extra = sorted(n for n in reader.names() - known if not n.endswith(IGNORED_SUFFIXES))
   if extra and not (model_config.tie_word_embeddings and extra == ['lm_head.weight']):
-    raise UsageError(f'--hf_dir={hf_dir}: unexpected tensor {extra[0]} (and {len(extra) - 1} more): this is not a '
-                     'plain Llama checkpoint')
+    raise UsageError(
+      f'--hf_dir={hf_dir}: unexpected tensor {extra[0]} (and {len(extra) - 1} more): this is not a '
+      'plain Llama checkpoint'
+    )
 
   target = np.dtype(model_config.weight_dtype)
   params = _allocate(shapes, target)
@@ -309,17 +357,25 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, overwrite:
       _get_path(params, path)[layer] = tensor
     del tensor
 
-  return checkpoint_dir.write_params_dir(out, config, params, overwrite=overwrite,
-                                         extra_files=_tokenizer_files(hf_dir),
-                                         meta={'source': f'import_hf {hf_dir}'}, inputs={'--hf_dir': hf_dir})
+  return checkpoint_dir.write_params_dir(
+    out,
+    config,
+    params,
+    overwrite=overwrite,
+    extra_files=_tokenizer_files(hf_dir),
+    meta={'source': f'import_hf {hf_dir}'},
+    inputs={'--hf_dir': hf_dir},
+  )
 
 
 def _allocate(shapes: dict, dtype: np.dtype) -> dict:
   """Empty numpy arrays for the stacked (per-layer) parameters; global ones are filled whole later."""
+
   def alloc(tree, under_layers):
     if isinstance(tree, dict):
       return {k: alloc(v, under_layers or k == 'layers') for k, v in tree.items()}
     return np.empty(tree.shape, dtype) if under_layers else None
+
   return alloc(shapes, False)
 
 
@@ -334,19 +390,21 @@ def _tokenizer_files(src: pathlib.Path) -> dict[str, Any]:
 
 # --- export ----------------------------------------------------------------------------------------------------
 
+
 def _parse_size(text: str) -> int:
   units = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'B': 1}
   for unit, factor in units.items():
     if text.upper().endswith(unit):
       try:
-        return int(float(text[:-len(unit)]) * factor)
+        return int(float(text[: -len(unit)]) * factor)
       except ValueError:
         break
   raise UsageError(f'--max_shard_size={text}: expected a size such as 5GB or 500MB')
 
 
-def export_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False,
-              max_shard_size: str = '5GB') -> pathlib.Path:
+def export_hf(
+  ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False, max_shard_size: str = '5GB'
+) -> pathlib.Path:
   """Writes config.json, safetensors (sharded above max_shard_size) and the tokenizer, loadable by
   transformers.LlamaForCausalLM.from_pretrained."""
   shard_limit = _parse_size(max_shard_size)
@@ -370,6 +428,7 @@ def export_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: b
     def thunk(stacked=stacked, layer=layer, transposed=transposed):
       array = np.asarray(stacked[layer] if layer is not None else stacked)
       return array.T if transposed else array
+
     tensors.append((name, dtype, shape, thunk))
   shards, current, size = [], [], 0
   for item in tensors:
@@ -391,8 +450,9 @@ def export_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: b
       weight_map.update({name: file_name for name, *_ in shard})
     if len(shards) > 1:
       total = sum(math.prod(shape) * dtype.itemsize for _, _, shape, _ in tensors)
-      (tmp / 'model.safetensors.index.json').write_text(json.dumps(
-          {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2) + '\n')
+      (tmp / 'model.safetensors.index.json').write_text(
+        json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2) + '\n'
+      )
     for name, write in _tokenizer_files(resolved.root).items():
       write(tmp / name)
   return out_path

@@ -41,8 +41,12 @@ from layerskip_jax.errors import UsageError
 flags.DEFINE_string('config', 'tiny', 'config whose data, batch and sequence length are measured')
 flags.DEFINE_integer('batches', 300, 'global batches each simulated process reads (0: skip the loader)')
 flags.DEFINE_integer('processes', 1, 'simulated processes sharing each global batch (must divide the batch size)')
-flags.DEFINE_float('step_tokens_per_sec', 0, 'tokens/s the train step consumes, to compare the loader with (0: no '
-                   'comparison; train.bench --what input measures both)')
+flags.DEFINE_float(
+  'step_tokens_per_sec',
+  0,
+  'tokens/s the train step consumes, to compare the loader with (0: no '
+  'comparison; train.bench --what input measures both)',
+)
 flags.DEFINE_integer('train_steps', 0, 'no longer used here (0 only): the step is timed by train.bench --what input')
 flags.DEFINE_string('target', None, 'preset whose seq_len and batch_size the headroom is measured at')
 flags.DEFINE_integer('gpus_per_host', 8, 'accelerators one host feeds (with --target)')
@@ -77,14 +81,23 @@ def _write_synthetic(directory: pathlib.Path, tokens: float, seed: int = 0) -> d
   rng = np.random.default_rng(seed)
   shards, total, documents = [], 0, 0
   while total < tokens:
-    lengths = np.maximum(rng.lognormal(np.log(DOCUMENT_TOKENS) - 0.5, 1.0, SHARD_TOKENS // DOCUMENT_TOKENS)
-                         .astype(np.int64), 2)
+    lengths = np.maximum(
+      rng.lognormal(np.log(DOCUMENT_TOKENS) - 0.5, 1.0, SHARD_TOKENS // DOCUMENT_TOKENS).astype(np.int64), 2
+    )
     name = f'shard-{len(shards):05d}.array_record'
     np.save(index_lib.lengths_file(directory / name), lengths)
     shards.append({'file': name, 'documents': len(lengths), 'tokens': int(lengths.sum())})
     total, documents = total + int(lengths.sum()), documents + len(lengths)
-  manifest = {'format': FORMAT, 'source': 'synthetic', 'tokenizer_sha256': '', 'tokenizer_vocab_size': 0,
-              'documents': documents, 'tokens': total, 'skipped_files': 0, 'shards': shards}
+  manifest = {
+    'format': FORMAT,
+    'source': 'synthetic',
+    'tokenizer_sha256': '',
+    'tokenizer_vocab_size': 0,
+    'documents': documents,
+    'tokens': total,
+    'skipped_files': 0,
+    'shards': shards,
+  }
   (directory / MANIFEST).write_text(json.dumps(manifest))
   return manifest
 
@@ -101,8 +114,10 @@ def _memory() -> dict[str, float]:
 
 def _open_index(directory: str, seq_len: int, method: str) -> dict:
   """In a fresh process: open the synthetic directory's chunk index by `method` and locate 10,000 random chunks."""
-  files = [str(pathlib.Path(directory) / s['file']) for s in json.loads((pathlib.Path(directory) / MANIFEST)
-                                                                         .read_text())['shards']]
+  files = [
+    str(pathlib.Path(directory) / s['file'])
+    for s in json.loads((pathlib.Path(directory) / MANIFEST).read_text())['shards']
+  ]
   before = _memory()
   start = time.perf_counter()
   if method == 'in_memory':  # the index of earlier versions: two int64 entries per chunk, in every process
@@ -124,37 +139,53 @@ def _open_index(directory: str, seq_len: int, method: str) -> dict:
     count = len(index)
   locate_us = (time.perf_counter() - begin) / len(picks) * 1e6
   after = _memory()
-  return {'method': method, 'chunks': count, 'open_seconds': opened, 'locate_us': locate_us,
-          'rss_mib': after['VmRSS'] - before['VmRSS'], 'anon_mib': after['RssAnon'] - before['RssAnon'],
-          'file_mib': after['RssFile'] - before['RssFile'], 'peak_rss_mib': after['VmHWM']}
+  return {
+    'method': method,
+    'chunks': count,
+    'open_seconds': opened,
+    'locate_us': locate_us,
+    'rss_mib': after['VmRSS'] - before['VmRSS'],
+    'anon_mib': after['RssAnon'] - before['RssAnon'],
+    'file_mib': after['RssFile'] - before['RssFile'],
+    'peak_rss_mib': after['VmHWM'],
+  }
 
 
 def _index_report(tokens: float, seq_len: int) -> list[dict]:
   results = []
   with tempfile.TemporaryDirectory(prefix='layerskip_index_') as tmp:
     manifest = _write_synthetic(pathlib.Path(tmp), tokens)
-    print(f'synthetic corpus: {manifest["tokens"] / 1e9:.1f}B tokens, {manifest["documents"]:,} documents, '
-          f'{len(manifest["shards"])} shards')
+    print(
+      f'synthetic corpus: {manifest["tokens"] / 1e9:.1f}B tokens, {manifest["documents"]:,} documents, '
+      f'{len(manifest["shards"])} shards'
+    )
     context = multiprocessing.get_context('spawn')
     for method in ('in_memory', 'mapped (first open: builds the index files)', 'mapped'):
       with context.Pool(1) as pool:
         result = pool.apply(_open_index, (tmp, seq_len, method.split(' ')[0]))
       result['method'] = method
       results.append(result)
-      print(f'index {method}: open {result["open_seconds"]:.2f}s, resident +{result["rss_mib"]:,.0f} MiB '
-            f'(own {result["anon_mib"]:,.0f}, mapped {result["file_mib"]:,.0f}), peak {result["peak_rss_mib"]:,.0f} '
-            f'MiB, {result["locate_us"]:.1f} us per chunk located, {result["chunks"]:,} chunks')
+      print(
+        f'index {method}: open {result["open_seconds"]:.2f}s, resident +{result["rss_mib"]:,.0f} MiB '
+        f'(own {result["anon_mib"]:,.0f}, mapped {result["file_mib"]:,.0f}), peak {result["peak_rss_mib"]:,.0f} '
+        f'MiB, {result["locate_us"]:.1f} us per chunk located, {result["chunks"]:,} chunks'
+      )
   return results
 
 
 def main(args: cli.Args) -> None:
   f = flags.FLAGS
   if f.train_steps:
-    raise UsageError(f'--train_steps={f.train_steps}: the train step is timed where data and train are both visible, '
-                     'by python -m layerskip_jax.train.bench --what input; give its tokens/s as --step_tokens_per_sec')
-  for name, value, least in (('batches', f.batches, 0), ('processes', f.processes, 1),
-                             ('gpus_per_host', f.gpus_per_host, 1),
-                             ('index_seq_len', f.index_seq_len, 1)):
+    raise UsageError(
+      f'--train_steps={f.train_steps}: the train step is timed where data and train are both visible, '
+      'by python -m layerskip_jax.train.bench --what input; give its tokens/s as --step_tokens_per_sec'
+    )
+  for name, value, least in (
+    ('batches', f.batches, 0),
+    ('processes', f.processes, 1),
+    ('gpus_per_host', f.gpus_per_host, 1),
+    ('index_seq_len', f.index_seq_len, 1),
+  ):
     if value < least:
       raise UsageError(f'--{name}={value}: must be at least {least}')
   if f.tokens_per_gpu <= 0:
@@ -173,20 +204,34 @@ def main(args: cli.Args) -> None:
   report: dict = {'config': f.config, 'batch': b, 'seq_len': t, 'processes': f.processes}
   prepared = ensure_prepared(config) if f.batches else None
   if f.batches:
-    rates = [loader_rate(prepared.train, t, b, _process_rows(p, f.processes, b), f.batches, config.train.seed,
-                   config.data.num_workers) for p in range(f.processes)]
+    rates = [
+      loader_rate(
+        prepared.train, t, b, _process_rows(p, f.processes, b), f.batches, config.train.seed, config.data.num_workers
+      )
+      for p in range(f.processes)
+    ]
     plan_us, chunks_per_row = _plan_cost(prepared.train, t, b, f.batches, config.train.seed)
-    report.update(loader_tokens_per_sec_per_process=rates, loader_tokens_per_sec=min(rates) * f.processes,
-                  plan_us_per_chunk=plan_us, chunks_per_row=chunks_per_row)
-    print(f'loader: {min(rates):,.0f}-{max(rates):,.0f} tokens/s per process, each reading {b // f.processes} of '
-          f'the {b} rows of {f.batches} batches of {b} x {t} ({f.processes} process{"es" * (f.processes > 1)})')
-    print(f'plan: {plan_us:.1f} us per chunk of the global batch ({chunks_per_row:.2f} chunks per row), on every '
-          'process: the one part of its work that grows with the global batch rather than with its rows')
+    report.update(
+      loader_tokens_per_sec_per_process=rates,
+      loader_tokens_per_sec=min(rates) * f.processes,
+      plan_us_per_chunk=plan_us,
+      chunks_per_row=chunks_per_row,
+    )
+    print(
+      f'loader: {min(rates):,.0f}-{max(rates):,.0f} tokens/s per process, each reading {b // f.processes} of '
+      f'the {b} rows of {f.batches} batches of {b} x {t} ({f.processes} process{"es" * (f.processes > 1)})'
+    )
+    print(
+      f'plan: {plan_us:.1f} us per chunk of the global batch ({chunks_per_row:.2f} chunks per row), on every '
+      'process: the one part of its work that grows with the global batch rather than with its rows'
+    )
   if f.step_tokens_per_sec and f.batches:
     report['train_step_tokens_per_sec'] = f.step_tokens_per_sec
     report['loader_over_train'] = min(rates) * f.processes / f.step_tokens_per_sec
-    print(f'train step (given): {f.step_tokens_per_sec:,.0f} tokens/s -> the loader delivers '
-          f'{report["loader_over_train"]:,.0f}x that')
+    print(
+      f'train step (given): {f.step_tokens_per_sec:,.0f} tokens/s -> the loader delivers '
+      f'{report["loader_over_train"]:,.0f}x that'
+    )
   if target is not None:
     tb, tt = target.train.batch_size, target.train.seq_len
     need = f.gpus_per_host * f.tokens_per_gpu
@@ -198,15 +243,26 @@ def main(args: cli.Args) -> None:
     for workers in (int(w) for w in f.workers):
       rate = loader_rate(prepared.train, tt, rows.size, rows, batches, config.train.seed, workers)
       headroom[workers] = {'tokens_per_sec': rate, 'headroom': rate / need}
-      print(f'{f.target} (seq_len {tt}, {rows_per_host} rows per host): {rate:,.0f} tokens/s with {workers} reader '
-            f'thread(s) = {rate / need:.1f}x what {f.gpus_per_host} GPUs at {f.tokens_per_gpu:,.0f} tokens/s consume '
-            f'({need:,.0f})')
+      print(
+        f'{f.target} (seq_len {tt}, {rows_per_host} rows per host): {rate:,.0f} tokens/s with {workers} reader '
+        f'thread(s) = {rate / need:.1f}x what {f.gpus_per_host} GPUs at {f.tokens_per_gpu:,.0f} tokens/s consume '
+        f'({need:,.0f})'
+      )
     fed = [w for w, r in headroom.items() if r['headroom'] >= 1]
-    report['target'] = {'preset': f.target, 'seq_len': tt, 'rows_per_host': rows_per_host,
-                        'gpus_per_host': f.gpus_per_host, 'tokens_per_gpu': f.tokens_per_gpu, 'need': need,
-                        'by_workers': headroom, 'fed_with_workers': min(fed) if fed else None}
-    print(f'one host keeps {f.gpus_per_host} GPUs fed: ' + (f'yes, with {min(fed)} reader thread(s)' if fed else
-                                                              'no, with any of the thread counts tried'))
+    report['target'] = {
+      'preset': f.target,
+      'seq_len': tt,
+      'rows_per_host': rows_per_host,
+      'gpus_per_host': f.gpus_per_host,
+      'tokens_per_gpu': f.tokens_per_gpu,
+      'need': need,
+      'by_workers': headroom,
+      'fed_with_workers': min(fed) if fed else None,
+    }
+    print(
+      f'one host keeps {f.gpus_per_host} GPUs fed: '
+      + (f'yes, with {min(fed)} reader thread(s)' if fed else 'no, with any of the thread counts tried')
+    )
   if f.index_tokens:
     report['index'] = _index_report(f.index_tokens, f.index_seq_len)
   if json_path:

@@ -49,9 +49,16 @@ def _tokenizer(config: config_dict.ConfigDict, tokenizer: str | None) -> str:
     path = path / 'tokenizer.model'
     if not path.is_file():
       print(f'training a {config.model.vocab_size}-piece tokenizer on {description} -> {path}')
-      tokenizer_lib.train_sentencepiece(data.source, config.model.vocab_size, path, split=data.train_split,
-                                        source_flag='data.source', vocab_flag='model.vocab_size',
-                                        out_flag='data.cache_dir', **options)
+      tokenizer_lib.train_sentencepiece(
+        data.source,
+        config.model.vocab_size,
+        path,
+        split=data.train_split,
+        source_flag='data.source',
+        vocab_flag='model.vocab_size',
+        out_flag='data.cache_dir',
+        **options,
+      )
     tokenizer = str(path)
   return str(tokenizer_lib.load(tokenizer, flag='data.tokenizer').path)  # a directory: the file in it
 
@@ -60,8 +67,11 @@ def _splits(config: config_dict.ConfigDict, tokenizer_file: str) -> dict[str, pa
   """{split: its shards directory in the cache} for the train and eval splits."""
   data, checksum = config.data, prepare_lib.file_sha256(tokenizer_file)
   cache = pathlib.Path(data.cache_dir).expanduser()
-  return {split: cache / 'shards' / _key(data.source, split, checksum) / split
-          for split in (data.train_split, data.eval_split) if split}
+  return {
+    split: cache / 'shards' / _key(data.source, split, checksum) / split
+    for split in (data.train_split, data.eval_split)
+    if split
+  }
 
 
 def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedData:
@@ -69,8 +79,9 @@ def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedD
   source = pathlib.Path(data.source).expanduser()
   if source.is_dir() and (source / prepare_lib.MANIFEST).is_file():  # already prepared shards
     if not tokenizer:
-      raise UsageError(f'data.source={data.source} holds prepared shards: set data.tokenizer to the tokenizer they '
-                       'were made with')
+      raise UsageError(
+        f'data.source={data.source} holds prepared shards: set data.tokenizer to the tokenizer they were made with'
+      )
     manifest = prepare_lib.read_manifest(source)
     tokenizer_file = tokenizer_lib.load(tokenizer, flag='data.tokenizer').path
     if manifest['tokenizer_sha256'] != prepare_lib.file_sha256(tokenizer_file):
@@ -82,11 +93,20 @@ def _prepare(config: config_dict.ConfigDict, tokenizer: str | None) -> PreparedD
     if prepare_lib.read_manifest(out) is None:
       print(f'preparing {data.source}:{split} -> {out}')
       # progress off: stderr holds only errors
-      prepare_lib.prepare(data.source, tokenizer, out, split=split, source_flag='data.source',
-                          tokenizer_flag='data.tokenizer', out_flag='data.cache_dir',
-                          progress=config.logging.progress_bar, **_source_options(data))
-  return PreparedData(pathlib.Path(tokenizer), shards[data.train_split],
-                      shards.get(data.eval_split) if data.eval_split else None)
+      prepare_lib.prepare(
+        data.source,
+        tokenizer,
+        out,
+        split=split,
+        source_flag='data.source',
+        tokenizer_flag='data.tokenizer',
+        out_flag='data.cache_dir',
+        progress=config.logging.progress_bar,
+        **_source_options(data),
+      )
+  return PreparedData(
+    pathlib.Path(tokenizer), shards[data.train_split], shards.get(data.eval_split) if data.eval_split else None
+  )
 
 
 def _prepare_in_parts(config: config_dict.ConfigDict, tokenizer: str | None) -> None:
@@ -101,9 +121,18 @@ def _prepare_in_parts(config: config_dict.ConfigDict, tokenizer: str | None) -> 
     if prepare_lib.read_manifest(out) is not None:  # every process sees the same: the last barrier was after it
       continue
     part = prepare_lib.part_directory(out, process, count)
-    manifest = prepare_lib.prepare(config.data.source, tokenizer, part, split=split, part=(process, count),
-                                   source_flag='data.source', tokenizer_flag='data.tokenizer',
-                                   out_flag='data.cache_dir', progress=False, **_source_options(config.data))
+    manifest = prepare_lib.prepare(
+      config.data.source,
+      tokenizer,
+      part,
+      split=split,
+      part=(process, count),
+      source_flag='data.source',
+      tokenizer_flag='data.tokenizer',
+      out_flag='data.cache_dir',
+      progress=False,
+      **_source_options(config.data),
+    )
     print(f'process {process}: {manifest["source"]}: {manifest["documents"]} documents -> {part}')
     multihost_utils.sync_global_devices(f'layerskip_jax {split} parts prepared')
     if process == 0:

@@ -58,6 +58,7 @@ def _save_atomic(path: pathlib.Path, array: np.ndarray) -> bool:
 def _record_lengths(shard: str) -> np.ndarray:
   """Token counts of a shard's records, read from the records (shards of early versions have no sidecar)."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   reader = ArrayRecordReader(shard)
   try:
     return np.asarray([len(r) // 4 - 1 for r in reader.read_all()], np.int64)
@@ -113,15 +114,20 @@ class ChunkIndex:
       print(f'warning: {path}: unreadable chunk index ({one_line(e, 100)}); rebuilding it', file=sys.stderr)
       return None
     if first.shape != (records + 1,) or first.dtype != np.int64:
-      print(f'warning: {path}: does not match its shard ({first.shape} entries for {records} records); rebuilding '
-            'it', file=sys.stderr)
+      print(
+        f'warning: {path}: does not match its shard ({first.shape} entries for {records} records); rebuilding it',
+        file=sys.stderr,
+      )
       return None
     return first
 
   @staticmethod
   def _warn(file: str) -> bool:
-    print(f'warning: {pathlib.Path(file).parent} is not writable: the chunk index is held in memory (write it once '
-          'with python -m layerskip_jax.data.prepare --index_seq_len N)', file=sys.stderr)
+    print(
+      f'warning: {pathlib.Path(file).parent} is not writable: the chunk index is held in memory (write it once '
+      'with python -m layerskip_jax.data.prepare --index_seq_len N)',
+      file=sys.stderr,
+    )
     return True
 
   def __len__(self) -> int:
@@ -143,5 +149,7 @@ class ChunkIndex:
   def check_rows(self, batch_size: int, directory: str | pathlib.Path) -> None:
     """A corpus must fill one global batch: at least batch_size chunks (one row each at the least)."""
     if len(self) < batch_size:
-      raise UsageError(f'{directory}: holds {len(self)} chunks of at most {self.seq_len} tokens, fewer than one global '
-                       f'batch of {batch_size} rows; use a larger corpus or a smaller train.batch_size')
+      raise UsageError(
+        f'{directory}: holds {len(self)} chunks of at most {self.seq_len} tokens, fewer than one global '
+        f'batch of {batch_size} rows; use a larger corpus or a smaller train.batch_size'
+      )

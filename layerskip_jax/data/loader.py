@@ -42,6 +42,7 @@ from layerskip_jax.data.prepare import decode_record, shard_files
 from layerskip_jax.errors import UsageError, one_line
 from layerskip_jax.sharding import batch_sharding
 
+
 class ChunkSource:
   """Random access to the chunks of every document of some shards (numbered by their ChunkIndex): chunk c is one
   document's (input, target) pairs j .. j + seq_len - 1 (fewer at the document's end), with the loss mask of those
@@ -67,13 +68,15 @@ class ChunkSource:
     except RuntimeError as e:  # a shard damaged after it was checked (its index was readable, a record is not)
       record = self._first_unreadable(records)
       file = self.index.file_of(record)
-      raise UsageError(f'{file}: record {record} cannot be read ({one_line(e, 160)}); delete '
-                       f'{pathlib.Path(file).parent} and prepare it again') from None
+      raise UsageError(
+        f'{file}: record {record} cannot be read ({one_line(e, 160)}); delete '
+        f'{pathlib.Path(file).parent} and prepare it again'
+      ) from None
     self.records_read += len(records)
     out = []
     for raw, (_, start, length) in zip(data, located):
       ids, prompt_length = decode_record(raw)
-      piece = ids[start:start + length + 1]
+      piece = ids[start : start + length + 1]
       mask = (np.arange(start + 1, start + len(piece)) >= prompt_length).astype(np.float32)
       out.append({'inputs': piece[:-1], 'targets': piece[1:], 'loss_mask': mask})
     return out
@@ -91,6 +94,7 @@ class ChunkSource:
 class Rows:
   """The rows a process holds of a global batch of `size` rows: global row numbers `indices`, ascending; its host
   batches are arrays of len(indices) rows in that order."""
+
   indices: np.ndarray
   size: int
 
@@ -124,8 +128,16 @@ class BatchIterator:
   number of processes. The state is the position in the global stream, {'next_chunk', 'batches'}: the same on every
   process, restorable on any number of them."""
 
-  def __init__(self, source: ChunkSource, order: grain.MapDataset, batch_size: int, seq_len: int, rows: Rows,
-               finite_length: int | None, num_workers: int = 0):
+  def __init__(
+    self,
+    source: ChunkSource,
+    order: grain.MapDataset,
+    batch_size: int,
+    seq_len: int,
+    rows: Rows,
+    finite_length: int | None,
+    num_workers: int = 0,
+  ):
     self.source, self.rows = source, rows
     self._order, self._finite = order, finite_length
     self._batch_size, self._seq_len, self._workers = batch_size, seq_len, num_workers
@@ -145,6 +157,7 @@ class BatchIterator:
         return None
       located[t] = int(self._order[t])
       return self.source.index.locate(located[t])[2]
+
     plan = first_fit(length_at, start, self._batch_size, self._seq_len)
     if plan is None:
       return None
@@ -155,7 +168,7 @@ class BatchIterator:
     flat = self.source.read([c for row in chunks_per_row for c in row])
     packed, at = [], 0
     for row in chunks_per_row:
-      packed.append(pack_row(flat[at:at + len(row)], self._seq_len))
+      packed.append(pack_row(flat[at : at + len(row)], self._seq_len))
       at += len(row)
     return {k: np.stack([row[k] for row in packed]) for k in packed[0]}
 
@@ -172,8 +185,9 @@ class BatchIterator:
       plan = self.plan(last['next_chunk'])
       if plan is None:
         break
-      self._ahead.append((self._pool.submit(self._build, plan[0]),
-                          {'next_chunk': plan[1], 'batches': last['batches'] + 1}))
+      self._ahead.append(
+        (self._pool.submit(self._build, plan[0]), {'next_chunk': plan[1], 'batches': last['batches'] + 1})
+      )
     if not self._ahead:
       raise StopIteration
     future, state = self._ahead.popleft()
@@ -206,8 +220,16 @@ class BatchIterator:
 class Batches:
   """An iterable of global batches (see BatchIterator); iter() starts at the beginning of the stream."""
 
-  def __init__(self, source: ChunkSource, order: grain.MapDataset, batch_size: int, seq_len: int, rows: Rows,
-               finite_length: int | None, num_workers: int):
+  def __init__(
+    self,
+    source: ChunkSource,
+    order: grain.MapDataset,
+    batch_size: int,
+    seq_len: int,
+    rows: Rows,
+    finite_length: int | None,
+    num_workers: int,
+  ):
     self._args = (source, order, batch_size, seq_len, rows, finite_length, num_workers)
     self.source, self.rows = source, rows
 
@@ -215,8 +237,17 @@ class Batches:
     return BatchIterator(*self._args)
 
 
-def dataset(directory: str | pathlib.Path, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-            repeat: bool = True, num_workers: int = 0, rows: Rows | None = None) -> Batches:
+def dataset(
+  directory: str | pathlib.Path,
+  seq_len: int,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  shuffle: bool = True,
+  repeat: bool = True,
+  num_workers: int = 0,
+  rows: Rows | None = None,
+) -> Batches:
   """Global batches of packed rows (this process's `rows` of each; all by default). With repeat, an endless stream
   of chunks reshuffled each epoch; without, one pass, in corpus order when not shuffled (the last partial batch
   dropped). `num_workers` threads read and pack batches ahead (0: in the caller)."""
@@ -230,14 +261,23 @@ def dataset(directory: str | pathlib.Path, seq_len: int, batch_size: int, *, see
     order = order.shuffle(seed=seed)
   if repeat:
     order = order.repeat()
-  return Batches(ChunkSource(files, seq_len, index), order, batch_size, seq_len, rows or Rows.all(batch_size),
-                 None if repeat else len(index), num_workers)
+  return Batches(
+    ChunkSource(files, seq_len, index),
+    order,
+    batch_size,
+    seq_len,
+    rows or Rows.all(batch_size),
+    None if repeat else len(index),
+    num_workers,
+  )
 
 
-def to_global_array(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: Rows | None = None
-                    ) -> dict[str, jax.Array]:
+def to_global_array(
+  batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: Rows | None = None
+) -> dict[str, jax.Array]:
   """A global batch as jax.Arrays sharded over the mesh's batch axes, from this process's `rows` of it (`batch`
   holds them in order; None: it is the whole batch). Each device gets its rows from the process it belongs to."""
+
   def put(array: np.ndarray) -> jax.Array:
     held = rows or Rows.all(len(array))
     shape = (held.size, *array.shape[1:])
@@ -248,7 +288,9 @@ def to_global_array(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows:
       if np.any(at >= len(held.indices)) or np.any(held.indices[np.minimum(at, len(held.indices) - 1)] != wanted):
         raise ValueError(f'rows {wanted.tolist()} of the global batch are not among this process\'s rows')
       return array[at][(slice(None), *index[1:])]
+
     return jax.make_array_from_callback(shape, batch_sharding(mesh, array.ndim), rows_of)
+
   return {k: put(v) for k, v in batch.items()}
 
 
@@ -269,8 +311,13 @@ class Prefetcher:
   returned its batch.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator | BatchIterator, mesh: jax.sharding.Mesh, depth: int = 2,
-               rows: Rows | None = None):
+  def __init__(
+    self,
+    iterator: grain.DatasetIterator | BatchIterator,
+    mesh: jax.sharding.Mesh,
+    depth: int = 2,
+    rows: Rows | None = None,
+  ):
     self._iterator, self._mesh, self._depth, self._rows = iterator, mesh, depth, rows
     if depth > 0:
       self._state = copy.deepcopy(iterator.get_state())  # after the last batch handed out (none yet)

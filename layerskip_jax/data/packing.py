@@ -15,8 +15,9 @@ from collections.abc import Callable
 import numpy as np
 
 
-def first_fit(length_at: Callable[[int], int | None], start: int, batch_size: int, seq_len: int
-              ) -> tuple[list[list[int]], int] | None:
+def first_fit(
+  length_at: Callable[[int], int | None], start: int, batch_size: int, seq_len: int
+) -> tuple[list[list[int]], int] | None:
   """(chunks of each row as stream positions, the next batch's first position) of the batch that starts at stream
   position `start`; `length_at(t)` is the length of the chunk at position t, None past the end of a finite stream.
   None if the stream ends before the batch's rows are all used (the last, partial batch is dropped)."""
@@ -39,15 +40,19 @@ def first_fit(length_at: Callable[[int], int | None], start: int, batch_size: in
 def pack_row(pieces: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
   """One row of seq_len from chunks ({'inputs', 'targets', 'loss_mask'}), end to end, zero-padded: segment_ids
   count the chunks from 1 (0 = padding) and positions restart at 0 in each."""
-  row = {'inputs': np.zeros(seq_len, np.int32), 'targets': np.zeros(seq_len, np.int32),
-         'loss_mask': np.zeros(seq_len, np.float32), 'segment_ids': np.zeros(seq_len, np.int32),
-         'positions': np.zeros(seq_len, np.int32)}
+  row = {
+    'inputs': np.zeros(seq_len, np.int32),
+    'targets': np.zeros(seq_len, np.int32),
+    'loss_mask': np.zeros(seq_len, np.float32),
+    'segment_ids': np.zeros(seq_len, np.int32),
+    'positions': np.zeros(seq_len, np.int32),
+  }
   at = 0
   for segment, piece in enumerate(pieces, start=1):
     n = len(piece['inputs'])
     for key in ('inputs', 'targets', 'loss_mask'):
-      row[key][at:at + n] = piece[key]
-    row['segment_ids'][at:at + n] = segment
-    row['positions'][at:at + n] = np.arange(n, dtype=np.int32)
+      row[key][at : at + n] = piece[key]
+    row['segment_ids'][at : at + n] = segment
+    row['positions'][at : at + n] = np.arange(n, dtype=np.int32)
     at += n
   return row

@@ -96,16 +96,19 @@ def read_manifest(directory: str | pathlib.Path) -> dict | None:
   try:
     manifest = json.loads(path.read_bytes().decode('utf-8'))
   except json.JSONDecodeError as e:
-    raise UsageError(f'{path}: truncated or not JSON ({e.msg}: line {e.lineno}, column {e.colno}); '
-                     f'{_again(directory)}') from None
+    raise UsageError(
+      f'{path}: truncated or not JSON ({e.msg}: line {e.lineno}, column {e.colno}); {_again(directory)}'
+    ) from None
   except UnicodeDecodeError:
     raise UsageError(f'{path}: not UTF-8 text (corrupt); {_again(directory)}') from None
   except OSError as e:
     raise UsageError(f'{path}: cannot be read ({outputs.describe_os_error(e)})') from None
   if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     found = repr(manifest.get('format')) if isinstance(manifest, dict) else f'a JSON {type(manifest).__name__}'
-    raise UsageError(f'{path}: not a {FORMAT} manifest (format: {found}); give a directory written by '
-                     'python -m layerskip_jax.data.prepare')
+    raise UsageError(
+      f'{path}: not a {FORMAT} manifest (format: {found}); give a directory written by '
+      'python -m layerskip_jax.data.prepare'
+    )
   problem = _manifest_problem(manifest)
   if problem:
     raise UsageError(f'{path}: {problem}; {_again(directory)}')
@@ -114,19 +117,33 @@ def read_manifest(directory: str | pathlib.Path) -> dict | None:
 
 def _manifest_problem(manifest: dict) -> str | None:
   """What is wrong with a manifest's fields (None: nothing); a shard's file must be a plain name in the directory."""
+
   def count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-  for key, check in (('source', lambda v: isinstance(v, str)), ('tokenizer_sha256', lambda v: isinstance(v, str)),
-                     ('documents', count), ('tokens', count), ('skipped_files', count),
-                     ('shards', lambda v: isinstance(v, list))):
+
+  for key, check in (
+    ('source', lambda v: isinstance(v, str)),
+    ('tokenizer_sha256', lambda v: isinstance(v, str)),
+    ('documents', count),
+    ('tokens', count),
+    ('skipped_files', count),
+    ('shards', lambda v: isinstance(v, list)),
+  ):
     if not check(manifest.get(key)):
       return f'its {key!r} is {json.dumps(manifest.get(key))}' if key in manifest else f'it has no {key!r}'
   for i, shard in enumerate(manifest['shards']):
-    if not (isinstance(shard, dict) and isinstance(shard.get('file'), str) and shard['file'].startswith('shard-')
-            and '/' not in shard['file'] and '\\' not in shard['file'] and count(shard.get('documents'))
-            and count(shard.get('tokens'))):
-      return (f'shard {i} is {json.dumps(shard)[:100]}, not {{"file": "shard-N.array_record", "documents": N, '
-              '"tokens": N}')
+    if not (
+      isinstance(shard, dict)
+      and isinstance(shard.get('file'), str)
+      and shard['file'].startswith('shard-')
+      and '/' not in shard['file']
+      and '\\' not in shard['file']
+      and count(shard.get('documents'))
+      and count(shard.get('tokens'))
+    ):
+      return (
+        f'shard {i} is {json.dumps(shard)[:100]}, not {{"file": "shard-N.array_record", "documents": N, "tokens": N}}'
+      )
   if sum(shard['documents'] for shard in manifest['shards']) != manifest['documents']:
     return 'its shards\' documents do not add up to its "documents"'
   return None
@@ -136,6 +153,7 @@ def verify_shards(directory: str | pathlib.Path, manifest: dict) -> None:
   """Every shard the manifest lists is present, readable and holds the documents the manifest counts, and its
   lengths file (when present) matches; else a UsageError naming the file. Reads each shard's index, not its records."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   directory = pathlib.Path(directory).expanduser()
   for shard in manifest['shards']:
     path = directory / shard['file']
@@ -151,22 +169,25 @@ def verify_shards(directory: str | pathlib.Path, manifest: dict) -> None:
     else:
       detail = ''
     if not ok:
-      raise UsageError(f'{path}: not a readable ArrayRecord file (truncated or corrupt{detail}); '
-                       f'{_again(directory)}')
+      raise UsageError(f'{path}: not a readable ArrayRecord file (truncated or corrupt{detail}); {_again(directory)}')
     if records != shard['documents']:
-      raise UsageError(f'{path}: holds {records} records, but {MANIFEST} lists {shard["documents"]}; '
-                       f'{_again(directory)}')
+      raise UsageError(
+        f'{path}: holds {records} records, but {MANIFEST} lists {shard["documents"]}; {_again(directory)}'
+      )
     sidecar = lengths_file(path)
     if not sidecar.is_file():
       continue  # shards of early versions have none: the loader reads the lengths from the records
     try:
       lengths = np.load(sidecar, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-      raise UsageError(f'{sidecar}: truncated or not a lengths file ({one_line(e, 120)}); '
-                       f'{_again(directory)}') from None
+      raise UsageError(
+        f'{sidecar}: truncated or not a lengths file ({one_line(e, 120)}); {_again(directory)}'
+      ) from None
     if lengths.ndim != 1 or len(lengths) != records or int(lengths.sum()) != shard['tokens']:
-      raise UsageError(f'{sidecar}: does not match its shard ({lengths.size} lengths, {int(lengths.sum())} tokens; '
-                       f'the manifest lists {records} documents, {shard["tokens"]} tokens); {_again(directory)}')
+      raise UsageError(
+        f'{sidecar}: does not match its shard ({lengths.size} lengths, {int(lengths.sum())} tokens; '
+        f'the manifest lists {records} documents, {shard["tokens"]} tokens); {_again(directory)}'
+      )
 
 
 def shard_files(directory: str | pathlib.Path) -> tuple[list[str], dict]:
@@ -180,10 +201,21 @@ def shard_files(directory: str | pathlib.Path) -> tuple[list[str], dict]:
   return [str(directory / shard['file']) for shard in manifest['shards']], manifest
 
 
-def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pathlib.Path, *, split: str = 'train',
-            workers: int | None = None, shard_tokens: int = 16 << 20, progress: bool = True,
-            source_flag: str = '--source', tokenizer_flag: str = '--tokenizer', out_flag: str = '--out',
-            part: tuple[int, int] | None = None, **source_options) -> dict:
+def prepare(
+  source_spec: str,
+  tokenizer_path: str | pathlib.Path,
+  out: str | pathlib.Path,
+  *,
+  split: str = 'train',
+  workers: int | None = None,
+  shard_tokens: int = 16 << 20,
+  progress: bool = True,
+  source_flag: str = '--source',
+  tokenizer_flag: str = '--tokenizer',
+  out_flag: str = '--out',
+  part: tuple[int, int] | None = None,
+  **source_options,
+) -> dict:
   """Writes (or confirms up to date) the shards of one source split; returns the manifest. Errors name the options
   by the *_flag names (data.source, data.tokenizer, data.cache_dir when training). `part` = (index, count): only
   that share of a tfds split's records (it may be empty), to be joined by merge_parts."""
@@ -192,8 +224,9 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
 
   out = pathlib.Path(out).expanduser()
   # checked even when --out is already prepared: shards inside a source directory would be read back as documents
-  check_outside(out_flag, out, source_flag, source_spec, 'shards there would mix with it',
-                **{tokenizer_flag: str(tokenizer_path)})
+  check_outside(
+    out_flag, out, source_flag, source_spec, 'shards there would mix with it', **{tokenizer_flag: str(tokenizer_path)}
+  )
   inputs = {tokenizer_flag: str(tokenizer_path)}  # the source was checked above (check_outside)
   if out.exists() and not out.is_dir():
     raise UsageError(f'{out_flag}={out}: is a file; give a directory path')
@@ -203,11 +236,14 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
   existing = read_manifest(out)
   if existing is not None:
     if existing['tokenizer_sha256'] != checksum:
-      raise UsageError(f'{out_flag}={out}: holds shards made with another tokenizer (sha256 '
-                       f'{existing["tokenizer_sha256"][:12]}..., not {checksum[:12]}...); use a new directory')
+      raise UsageError(
+        f'{out_flag}={out}: holds shards made with another tokenizer (sha256 '
+        f'{existing["tokenizer_sha256"][:12]}..., not {checksum[:12]}...); use a new directory'
+      )
     if existing['source'] != source.description:
-      raise UsageError(f'{out_flag}={out}: holds shards of {existing["source"]}, not {source.description}; use a new '
-                       'directory')
+      raise UsageError(
+        f'{out_flag}={out}: holds shards of {existing["source"]}, not {source.description}; use a new directory'
+      )
     verify_shards(out, existing)
     return existing
   if out.is_dir() and any(out.iterdir()):
@@ -224,8 +260,9 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
         records = pool.imap(_encode_in_worker, source.documents(), chunksize=16)
       else:
         records = (encode_document(tok, doc).tobytes() for doc in source.documents())
-      for record in tqdm(records, desc=f'tokenizing {source.description}', unit='doc', disable=not progress,
-                         mininterval=1.0, delay=2.0):  # delay: a run that fails at once prints only its error
+      for record in tqdm(
+        records, desc=f'tokenizing {source.description}', unit='doc', disable=not progress, mininterval=1.0, delay=2.0
+      ):  # delay: a run that fails at once prints only its error
         if writer is None:
           name = f'shard-{len(shards):05d}.array_record'
           writer = ArrayRecordWriter(str(tmp / name), 'group_size:1')
@@ -250,9 +287,16 @@ def prepare(source_spec: str, tokenizer_path: str | pathlib.Path, out: str | pat
         writer.close()
     if documents == 0 and part is None:
       raise source.no_text(source_flag, source_spec)
-    manifest = {'format': FORMAT, 'source': source.description, 'tokenizer_sha256': checksum,
-                'tokenizer_vocab_size': tok.vocab_size, 'documents': documents, 'tokens': tokens,
-                'skipped_files': len(source.skipped), 'shards': shards}
+    manifest = {
+      'format': FORMAT,
+      'source': source.description,
+      'tokenizer_sha256': checksum,
+      'tokenizer_vocab_size': tok.vocab_size,
+      'documents': documents,
+      'tokens': tokens,
+      'skipped_files': len(source.skipped),
+      'shards': shards,
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
   return manifest
 
@@ -273,16 +317,20 @@ def merge_parts(out: str | pathlib.Path, count: int, *, out_flag: str = '--out')
   for part in parts:
     manifest = read_manifest(part)
     if manifest is None:
-      raise UsageError(f'{part}: missing or not prepared; prepare every part ({out_flag}={out} --part I/{count}, '
-                       f'I = 0..{count - 1}) before merging')
+      raise UsageError(
+        f'{part}: missing or not prepared; prepare every part ({out_flag}={out} --part I/{count}, '
+        f'I = 0..{count - 1}) before merging'
+      )
     verify_shards(part, manifest)
     manifests.append(manifest)
   first = manifests[0]
   whole = first['source'].split(' part ')[0]
   for part, manifest in zip(parts, manifests):
     if manifest['source'].split(' part ')[0] != whole or manifest['tokenizer_sha256'] != first['tokenizer_sha256']:
-      raise UsageError(f'{part}: holds shards of {manifest["source"]} (tokenizer sha256 '
-                       f'{manifest["tokenizer_sha256"][:12]}...), not of {whole} like {parts[0]}; prepare it again')
+      raise UsageError(
+        f'{part}: holds shards of {manifest["source"]} (tokenizer sha256 '
+        f'{manifest["tokenizer_sha256"][:12]}...), not of {whole} like {parts[0]}; prepare it again'
+      )
   if sum(m['documents'] for m in manifests) == 0:
     raise UsageError(f'{out_flag}={out}: the {count} parts of {whole} hold no document')
   shards = []
@@ -294,9 +342,14 @@ def merge_parts(out: str | pathlib.Path, count: int, *, out_flag: str = '--out')
         if lengths_file(part / shard['file']).is_file():
           os.replace(lengths_file(part / shard['file']), lengths_file(tmp / name))
         shards.append(dict(shard, file=name))
-    merged = {'format': FORMAT, 'source': whole, 'tokenizer_sha256': first['tokenizer_sha256'],
-              'tokenizer_vocab_size': first.get('tokenizer_vocab_size'), 'shards': shards,
-              **{key: sum(m[key] for m in manifests) for key in ('documents', 'tokens', 'skipped_files')}}
+    merged = {
+      'format': FORMAT,
+      'source': whole,
+      'tokenizer_sha256': first['tokenizer_sha256'],
+      'tokenizer_vocab_size': first.get('tokenizer_vocab_size'),
+      'shards': shards,
+      **{key: sum(m[key] for m in manifests) for key in ('documents', 'tokens', 'skipped_files')},
+    }
     (tmp / MANIFEST).write_text(json.dumps(merged, indent=2) + '\n')
   for part in parts:
     shutil.rmtree(part)
@@ -312,9 +365,12 @@ def _parse_part(value: str) -> tuple[int, int]:
 
 def main(args) -> None:
   from absl import flags
+
   f = flags.FLAGS
-  usage = ('python -m layerskip_jax.data.prepare --source S --tokenizer tokenizer.model --out DIR [--part I/N]; or '
-           '--out DIR --merge_parts N')
+  usage = (
+    'python -m layerskip_jax.data.prepare --source S --tokenizer tokenizer.model --out DIR [--part I/N]; or '
+    '--out DIR --merge_parts N'
+  )
   if not f.out or (f.merge_parts is None and (not f.source or not f.tokenizer)):
     raise UsageError(f'prepare needs --source, --tokenizer and --out (or --out and --merge_parts): {usage}')
   if f.merge_parts is not None and (f.merge_parts < 1 or f.part):
@@ -323,17 +379,29 @@ def main(args) -> None:
   lengths = []
   for value in f.index_seq_len:
     if not value.isdigit() or int(value) < 1:
-      raise UsageError(f'--index_seq_len={",".join(f.index_seq_len)}: {value!r} is not a positive sequence length; '
-                       'give the train.seq_len values the shards will be read with, e.g. 4096,8192')
+      raise UsageError(
+        f'--index_seq_len={",".join(f.index_seq_len)}: {value!r} is not a positive sequence length; '
+        'give the train.seq_len values the shards will be read with, e.g. 4096,8192'
+      )
     lengths.append(int(value))
   out = part_directory(f.out, *part) if part else pathlib.Path(f.out)
   if f.merge_parts is not None:
     manifest = merge_parts(out, f.merge_parts)
   else:
-    manifest = prepare(f.source, f.tokenizer, out, split=f.split, workers=f.workers, tfds_data_dir=f.tfds_data_dir,
-                       text_key=f.text_key, part=part)
-  print(f'{out}: {manifest["documents"]} documents, {manifest["tokens"]} tokens in {len(manifest["shards"])} '
-        f'shards ({manifest["skipped_files"]} files skipped)')
+    manifest = prepare(
+      f.source,
+      f.tokenizer,
+      out,
+      split=f.split,
+      workers=f.workers,
+      tfds_data_dir=f.tfds_data_dir,
+      text_key=f.text_key,
+      part=part,
+    )
+  print(
+    f'{out}: {manifest["documents"]} documents, {manifest["tokens"]} tokens in {len(manifest["shards"])} '
+    f'shards ({manifest["skipped_files"]} files skipped)'
+  )
   for seq_len in lengths if not part else []:
     index = ChunkIndex(shard_files(out)[0], seq_len)
     print(f'{out}: chunk index for seq_len {seq_len}: {len(index)} chunks')
@@ -343,6 +411,7 @@ if __name__ == '__main__':
   from absl import flags
 
   from layerskip_jax import cli
+
   flags.DEFINE_string('source', None, 'python_stdlib, a directory, glob, @list file, .jsonl, or tfds:NAME')
   flags.DEFINE_string('split', 'train', 'split of the source')
   flags.DEFINE_string('tokenizer', None, 'tokenizer.model or tokenizer.json')
@@ -350,9 +419,16 @@ if __name__ == '__main__':
   flags.DEFINE_integer('workers', None, 'tokenizer processes (default: one per core)')
   flags.DEFINE_string('tfds_data_dir', None, 'TFDS data_dir for tfds: sources')
   flags.DEFINE_string('text_key', 'text', 'text field of tfds records')
-  flags.DEFINE_string('part', None, 'I/N: prepare only share I of N of a tfds split, into OUT.part-I-of-N (one '
-                      'machine each), then join them with --merge_parts N')
+  flags.DEFINE_string(
+    'part',
+    None,
+    'I/N: prepare only share I of N of a tfds split, into OUT.part-I-of-N (one '
+    'machine each), then join them with --merge_parts N',
+  )
   flags.DEFINE_integer('merge_parts', None, 'join the N prepared parts OUT.part-I-of-N into OUT')
-  flags.DEFINE_list('index_seq_len', [], 'also write the chunk index for these sequence lengths (shared storage that '
-                    'training hosts cannot write)')
+  flags.DEFINE_list(
+    'index_seq_len',
+    [],
+    'also write the chunk index for these sequence lengths (shared storage that training hosts cannot write)',
+  )
   cli.run(main)

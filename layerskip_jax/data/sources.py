@@ -59,24 +59,30 @@ class Source:
     do, in one line."""
     where = f'{flag}={spec}: no text to use'
     if self.files == 0:
-      return UsageError(f'{where}: none of its files falls in the {self.split!r} split (a local source holds out a '
-                        f'stable {HELDOUT_PERCENT}% of its files, by a hash of each path; a single file is all train); '
-                        'add files')
+      return UsageError(
+        f'{where}: none of its files falls in the {self.split!r} split (a local source holds out a '
+        f'stable {HELDOUT_PERCENT}% of its files, by a hash of each path; a single file is all train); '
+        'add files'
+      )
     if self.files is not None:
       found = f'{self.files} file{"s" if self.files != 1 else ""}'
       if self.skipped:
         why = ', '.join(f'{n} {reason}' for reason, n in self.reasons.most_common())
         which = 'all' if len(self.skipped) == self.files else f'{len(self.skipped)}'
         rest = '' if len(self.skipped) == self.files else ', the rest empty'
-        return UsageError(f'{where}: {found}, {which} skipped ({why}; first: {self.skipped[0]}){rest}; give UTF-8 '
-                          'text files')
+        return UsageError(
+          f'{where}: {found}, {which} skipped ({why}; first: {self.skipped[0]}){rest}; give UTF-8 text files'
+        )
       return UsageError(f'{where}: {found}, all empty; give files with text')
     if self.records == 0:
-      return UsageError(f'{where}: the file has no records; add lines of {{"text": ...}} or '
-                        '{"prompt": ..., "completion": ...}')
+      return UsageError(
+        f'{where}: the file has no records; add lines of {{"text": ...}} or {{"prompt": ..., "completion": ...}}'
+      )
     if self.records is not None:
-      return UsageError(f'{where}: none of its {self.records} records falls in the {self.split!r} split (a stable '
-                        f'{HELDOUT_PERCENT}% of the lines are held out); add records')
+      return UsageError(
+        f'{where}: none of its {self.records} records falls in the {self.split!r} split (a stable '
+        f'{HELDOUT_PERCENT}% of the lines are held out); add records'
+      )
     return UsageError(f'{where}: the {self.split!r} split has no records; choose another split or source')
 
 
@@ -118,11 +124,13 @@ def _read_text(path: pathlib.Path) -> tuple[str | None, str | None]:
 
 def _split_files(files: list[pathlib.Path], root: pathlib.Path | None, split: str) -> list[pathlib.Path]:
   """A local corpus gets the same stable train/heldout split as the stdlib (by each file's relative path)."""
+
   def rel(path):
     try:
       return path.resolve().relative_to(root.resolve()).as_posix() if root else path.as_posix()
     except ValueError:
       return path.as_posix()
+
   return [p for p in files if stable_split(rel(p)) == split]
 
 
@@ -133,7 +141,7 @@ def _file_source(description: str, files: list[pathlib.Path], split: str) -> Sou
     source.skipped.clear()
     source.reasons.clear()
     pending: list[str] | None = []  # warnings held back until a document is found (None: one was); if none is,
-    for path in files:                # the caller's one error line (Source.no_text) counts them instead
+    for path in files:  # the caller's one error line (Source.no_text) counts them instead
       text, reason = _read_text(path)
       if reason is not None:
         source.skipped.append(str(path))
@@ -148,6 +156,7 @@ def _file_source(description: str, files: list[pathlib.Path], split: str) -> Sou
           print('\n'.join(pending), file=sys.stderr)
         pending = None
         yield Document(text=text)
+
   source.documents = documents
   return source
 
@@ -161,8 +170,9 @@ def _jsonl_record(path: pathlib.Path, number: int, line: bytes) -> Document:
   try:
     text = line.decode('utf-8-sig' if number == 1 else 'utf-8')
   except UnicodeDecodeError as e:
-    raise UsageError(f'{where}: not UTF-8 (byte {line[e.start]:#04x} at byte {e.start + 1} of the line); save the '
-                     'file as UTF-8') from None
+    raise UsageError(
+      f'{where}: not UTF-8 (byte {line[e.start]:#04x} at byte {e.start + 1} of the line); save the file as UTF-8'
+    ) from None
   try:
     record = json.loads(text.rstrip('\r\n'))  # an error at the end of the line, not at column 1 of the next
   except json.JSONDecodeError as e:
@@ -180,8 +190,11 @@ def _jsonl_record(path: pathlib.Path, number: int, line: bytes) -> Document:
       return Document(text=record['text'])
     problem = f'got "text": {describe_json(record["text"])}'
   else:
-    problem = f'got an object with the keys {", ".join(json.dumps(k) for k in list(record)[:5])}' if record else (
-        'got an empty object')
+    problem = (
+      f'got an object with the keys {", ".join(json.dumps(k) for k in list(record)[:5])}'
+      if record
+      else ('got an empty object')
+    )
   raise UsageError(f'{where}: {_RECORD}, {problem}; fix or delete the line')
 
 
@@ -205,6 +218,7 @@ def _jsonl_source(path: pathlib.Path, split: str, flag: str, spec: str) -> Sourc
         if stable_split(f'line:{number}') == split:
           yield document
     source.records = records
+
   source.documents = documents
   return source
 
@@ -216,18 +230,19 @@ def part_range(records: int, part: tuple[int, int]) -> tuple[int, int]:
   return index * records // count, (index + 1) * records // count
 
 
-def _tfds_source(spec: str, split: str, data_dir: str | None, text_key: str, flag: str,
-                 part: tuple[int, int] | None = None) -> Source:
+def _tfds_source(
+  spec: str, split: str, data_dir: str | None, text_key: str, flag: str, part: tuple[int, int] | None = None
+) -> Source:
   parts = spec.split(':')
   if len(parts) not in (2, 3) or not parts[1]:
     raise UsageError(f'{flag}={spec}: expected tfds:NAME or tfds:NAME:VERSION')
   name = parts[1] if len(parts) == 2 else f'{parts[1]}:{parts[2]}'
   import tensorflow_datasets as tfds
+
   try:
     data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types (DatasetNotFoundError, AssertionError, ValueError, ...)
-    raise UsageError(f'{flag}={spec}: split {split!r} not found in data_dir={data_dir} '
-                     f'({one_line(e, 200)})') from None
+    raise UsageError(f'{flag}={spec}: split {split!r} not found in data_dir={data_dir} ({one_line(e, 200)})') from None
 
   start, stop = part_range(len(data), part) if part else (0, len(data))
 
@@ -235,18 +250,27 @@ def _tfds_source(spec: str, split: str, data_dir: str | None, text_key: str, fla
     for i in range(start, stop):
       record = data[i]
       if text_key not in record:
-        raise UsageError(f'{flag}={spec}: records have no {text_key!r} field (fields: {sorted(record)}); '
-                         'set data.text_key')
+        raise UsageError(
+          f'{flag}={spec}: records have no {text_key!r} field (fields: {sorted(record)}); set data.text_key'
+        )
       value = record[text_key]
       yield Document(text=value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value))
+
   description = f'tfds:{name}:{split}@{data_dir}'
   if part:
     description += f' part {part[0]} of {part[1]} (records {start}-{stop - 1} of {len(data)})'
   return Source(description=description, documents=documents, split=split)
 
 
-def open_source(spec: str, split: str = 'train', *, tfds_data_dir: str | None = None, text_key: str = 'text',
-                flag: str = '--source', part: tuple[int, int] | None = None) -> Source:
+def open_source(
+  spec: str,
+  split: str = 'train',
+  *,
+  tfds_data_dir: str | None = None,
+  text_key: str = 'text',
+  flag: str = '--source',
+  part: tuple[int, int] | None = None,
+) -> Source:
   """The documents of a source spec (see the module docstring); raises UsageError for a bad spec, naming `flag`
   (data.source when training). `part` = (index, count): only that contiguous share of the split's records (tfds
   sources, which are read by index: hosts tokenize their shares in parallel, prepare.merge_parts joins them)."""
@@ -276,8 +300,10 @@ def open_source(spec: str, split: str = 'train', *, tfds_data_dir: str | None = 
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
     if (path / 'manifest.json').is_file():
-      raise UsageError(f'{flag}={spec}: already prepared shards; give this directory to the loader '
-                       '(data.source) rather than to prepare')
+      raise UsageError(
+        f'{flag}={spec}: already prepared shards; give this directory to the loader '
+        '(data.source) rather than to prepare'
+      )
     files = sorted(p for p in path.rglob('*') if p.is_file() and not p.name.startswith('.'))
     if not files:
       raise UsageError(f'{flag}={spec}: the directory holds no files')
@@ -291,12 +317,12 @@ def open_source(spec: str, split: str = 'train', *, tfds_data_dir: str | None = 
     if not files:
       raise UsageError(f'{flag}={spec}: the glob matches no files')
     return _file_source(f'glob:{spec}:{split}', _split_files(files, None, split), split)
-  raise UsageError(f'{flag}={spec}: not python_stdlib, tfds:NAME, an existing file or directory, a glob, '
-                   'or @LIST_FILE')
+  raise UsageError(f'{flag}={spec}: not python_stdlib, tfds:NAME, an existing file or directory, a glob, or @LIST_FILE')
 
 
-def check_outside(out_flag: str, out: str | pathlib.Path, source_flag: str, spec: str, consequence: str,
-                  **other_inputs: str | None) -> None:
+def check_outside(
+  out_flag: str, out: str | pathlib.Path, source_flag: str, spec: str, consequence: str, **other_inputs: str | None
+) -> None:
   """A data command's output is not read by its own source: not the source's file, directory or list file, nor
   anywhere inside them, new or not (a directory source is read recursively, so anything written into it would be
   read back as documents by the next run); for a glob, not a file it matches nor a path the pattern would match.
@@ -312,8 +338,10 @@ def check_outside(out_flag: str, out: str | pathlib.Path, source_flag: str, spec
     paths = glob_lib.glob(pattern, recursive=True)
     real = pathlib.Path(out).expanduser().absolute()
     if fnmatch.fnmatch(str(real), pattern):
-      raise UsageError(f'{out_flag}={out}: matches the input {source_flag}={spec}; {consequence}: choose an output '
-                       'path the pattern does not match')
+      raise UsageError(
+        f'{out_flag}={out}: matches the input {source_flag}={spec}; {consequence}: choose an output '
+        'path the pattern does not match'
+      )
   else:
     paths = [spec]
   outputs.check_not_input(out_flag, out, {source_flag: paths}, new_inside_ok=False, consequence=consequence)

@@ -8,8 +8,9 @@ import time
 from layerskip_jax.data import loader
 
 
-def loader_rate(directory, seq_len: int, batch_size: int, rows: loader.Rows, batches: int, seed: int,
-          workers: int = 0) -> float:
+def loader_rate(
+  directory, seq_len: int, batch_size: int, rows: loader.Rows, batches: int, seed: int, workers: int = 0
+) -> float:
   """Tokens/s of the rows `rows` of each global batch, over `batches` batches after a first one."""
   it = iter(loader.dataset(directory, seq_len, batch_size, seed=seed, num_workers=workers, rows=rows))
   try:

@@ -26,6 +26,7 @@ _EOS_NAMES = ('<|end_of_text|>', '<|eot_id|>', '<|eom_id|>', '</s>')
 
 class Tokenizer:
   """text <-> ids. Subclasses set path, vocab_size, bos_id (or None), eos_ids, pad_id (or None)."""
+
   path: pathlib.Path
   vocab_size: int
   bos_id: int | None
@@ -48,9 +49,9 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-
   def __init__(self, path: str | pathlib.Path):
     import sentencepiece as spm
+
     self.path = pathlib.Path(path)
     self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
     self.vocab_size = self._sp.get_piece_size()
@@ -74,6 +75,7 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str | pathlib.Path):
     from tokenizers import Tokenizer as _Tokenizer
+
     self.path = pathlib.Path(path)
     self._tok = _Tokenizer.from_file(str(self.path))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -85,9 +87,11 @@ class HFTokenizer(Tokenizer):
     eos_ids = generation.get('eos_token_id', [])
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
     if not isinstance(eos_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
-      raise UsageError(f'{self.path.with_name("generation_config.json")}: eos_token_id is '
-                       f'{json.dumps(generation["eos_token_id"])}, not an id or a list of ids; restore the file from '
-                       'the model\'s files')
+      raise UsageError(
+        f'{self.path.with_name("generation_config.json")}: eos_token_id is '
+        f'{json.dumps(generation["eos_token_id"])}, not an id or a list of ids; restore the file from '
+        'the model\'s files'
+      )
     eos_ids = list(eos_ids)
     if eos and self._tok.token_to_id(eos) is not None:
       eos_ids.insert(0, self._tok.token_to_id(eos))
@@ -166,10 +170,14 @@ def load(path: str | pathlib.Path, *, flag: str | None = None) -> Tokenizer:
     found = find(path)
     if found is None:
       if (path / FILE_NAMES[0]).is_file():
-        raise UsageError(f'{name}: its {FILE_NAMES[0]} is not a sentencepiece model (truncated, corrupt, or Llama 3\'s '
-                         f'tiktoken format) and there is no {FILE_NAMES[1]} beside it; copy the tokenizer files again')
-      raise UsageError(f'{name}: holds no sentencepiece {FILE_NAMES[0]} or {FILE_NAMES[1]}; give the tokenizer file or '
-                       'a directory holding one')
+        raise UsageError(
+          f'{name}: its {FILE_NAMES[0]} is not a sentencepiece model (truncated, corrupt, or Llama 3\'s '
+          f'tiktoken format) and there is no {FILE_NAMES[1]} beside it; copy the tokenizer files again'
+        )
+      raise UsageError(
+        f'{name}: holds no sentencepiece {FILE_NAMES[0]} or {FILE_NAMES[1]}; give the tokenizer file or '
+        'a directory holding one'
+      )
     name = f'{name} ({found.name})'
     path = found
   if not path.is_file():
@@ -185,13 +193,16 @@ def load(path: str | pathlib.Path, *, flag: str | None = None) -> Tokenizer:
     except UsageError:
       raise
     except Exception as e:  # tokenizers raises its own Exception type
-      raise UsageError(f'{name}: {_json_problem(path, e)}; give a complete tokenizer.json or a sentencepiece '
-                       '.model') from None
+      raise UsageError(
+        f'{name}: {_json_problem(path, e)}; give a complete tokenizer.json or a sentencepiece .model'
+      ) from None
   try:
     return SentencePieceTokenizer(path)
   except (RuntimeError, OSError):
-    raise UsageError(f'{name}: not a sentencepiece model: truncated, corrupt or another format (for Llama 3, give '
-                     'its tokenizer.json); give a complete tokenizer file') from None
+    raise UsageError(
+      f'{name}: not a sentencepiece model: truncated, corrupt or another format (for Llama 3, give '
+      'its tokenizer.json); give a complete tokenizer file'
+    ) from None
 
 
 # --- training a sentencepiece tokenizer -------------------------------------------------------------------------
@@ -204,9 +215,18 @@ FIXED_PIECES = 259
 MIN_VOCAB = 261
 
 
-def train_sentencepiece(source_spec: str, vocab_size: int, out: str | pathlib.Path, *, split: str = 'train',
-                        max_lines: int = 2_000_000, source_flag: str = '--source', vocab_flag: str = '--vocab_size',
-                        out_flag: str = '--out', **source_options) -> pathlib.Path:
+def train_sentencepiece(
+  source_spec: str,
+  vocab_size: int,
+  out: str | pathlib.Path,
+  *,
+  split: str = 'train',
+  max_lines: int = 2_000_000,
+  source_flag: str = '--source',
+  vocab_flag: str = '--vocab_size',
+  out_flag: str = '--out',
+  **source_options,
+) -> pathlib.Path:
   """Trains a code-friendly BPE sentencepiece model (byte fallback, no normalisation, whitespace kept) on the
   documents of a source; writes it atomically to `out`. Ids: unk 0, bos 1, eos 2 (Llama's layout).
 
@@ -216,12 +236,16 @@ def train_sentencepiece(source_spec: str, vocab_size: int, out: str | pathlib.Pa
   import sentencepiece as spm
 
   from layerskip_jax.data.sources import check_outside, open_source
+
   if vocab_size < MIN_VOCAB:
-    raise UsageError(f'{vocab_flag}={vocab_size}: must be at least {MIN_VOCAB} (256 byte pieces, unk, bos, eos, the '
-                     f'word boundary and one character); a source needs {FIXED_PIECES} plus its number of distinct '
-                     'characters (python_stdlib: about 350)')
-  check_outside(out_flag, out, source_flag, source_spec,
-                'the next run would read the model as a document of the source')
+    raise UsageError(
+      f'{vocab_flag}={vocab_size}: must be at least {MIN_VOCAB} (256 byte pieces, unk, bos, eos, the '
+      f'word boundary and one character); a source needs {FIXED_PIECES} plus its number of distinct '
+      'characters (python_stdlib: about 350)'
+    )
+  check_outside(
+    out_flag, out, source_flag, source_spec, 'the next run would read the model as a document of the source'
+  )
   out = outputs.check_file(out_flag, out)
   source = open_source(source_spec, split, flag=source_flag, **source_options)
   seen = {'documents': 0, 'lines': 0}
@@ -246,11 +270,24 @@ def train_sentencepiece(source_spec: str, vocab_size: int, out: str | pathlib.Pa
     with open(tmp, 'wb') as writer:
       try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_writer=writer, vocab_size=vocab_size, model_type='bpe',
-            byte_fallback=True, character_coverage=0.9995, normalization_rule_name='identity',
-            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-            max_sentence_length=16384, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+          sentence_iterator=lines(),
+          model_writer=writer,
+          vocab_size=vocab_size,
+          model_type='bpe',
+          byte_fallback=True,
+          character_coverage=0.9995,
+          normalization_rule_name='identity',
+          remove_extra_whitespaces=False,
+          split_digits=True,
+          allow_whitespace_only_pieces=True,
+          max_sentence_length=16384,
+          unk_id=0,
+          bos_id=1,
+          eos_id=2,
+          pad_id=-1,
+          num_threads=os.cpu_count() or 1,
+          minloglevel=2,
+        )
       except RuntimeError as e:
         error = e
     if failure:
@@ -260,46 +297,57 @@ def train_sentencepiece(source_spec: str, vocab_size: int, out: str | pathlib.Pa
   return out
 
 
-def _training_error(error: RuntimeError, seen: dict, source, source_flag: str, spec: str, vocab_flag: str,
-                    vocab_size: int) -> UsageError:
+def _training_error(
+  error: RuntimeError, seen: dict, source, source_flag: str, spec: str, vocab_flag: str, vocab_size: int
+) -> UsageError:
   """sentencepiece's INTERNAL check failures, as what they mean for this source and vocabulary."""
   message = one_line(error)
   if 'KeyboardInterrupt' in message:  # Ctrl-C while sentencepiece read the source
     raise KeyboardInterrupt
   if seen['lines'] == 0:
     if seen['documents']:
-      return UsageError(f'{source_flag}={spec}: no text to use: its {seen["documents"]} documents hold only blank '
-                        'lines; give text')
+      return UsageError(
+        f'{source_flag}={spec}: no text to use: its {seen["documents"]} documents hold only blank lines; give text'
+      )
     return source.no_text(source_flag, spec)
   if m := re.search(r'smaller than required_chars\. \d+ vs (\d+)', message):
     need = int(m[1])
-    return UsageError(f'{vocab_flag}={vocab_size}: too small for {source_flag}={spec}: its text has '
-                      f'{need - FIXED_PIECES} distinct characters, which with the {FIXED_PIECES} fixed pieces (256 '
-                      f'bytes, unk, bos, eos) need at least {need}; set {vocab_flag} to {need} or more')
+    return UsageError(
+      f'{vocab_flag}={vocab_size}: too small for {source_flag}={spec}: its text has '
+      f'{need - FIXED_PIECES} distinct characters, which with the {FIXED_PIECES} fixed pieces (256 '
+      f'bytes, unk, bos, eos) need at least {need}; set {vocab_flag} to {need} or more'
+    )
   if m := re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', message):
     most = int(m[1])
-    return UsageError(f'{vocab_flag}={vocab_size}: too large for {source_flag}={spec}: its text ({seen["lines"]} '
-                      f'lines) yields at most {most} pieces; give more text or set {vocab_flag} to {most} or less')
+    return UsageError(
+      f'{vocab_flag}={vocab_size}: too large for {source_flag}={spec}: its text ({seen["lines"]} '
+      f'lines) yields at most {most} pieces; give more text or set {vocab_flag} to {most} or less'
+    )
   return UsageError(f'{source_flag}={spec}: sentencepiece training failed ({message[:300]})')
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """A tokenizer whose ids reach past the model's embedding is an error before training, not a crash in a gather."""
   if tokenizer.vocab_size > model_vocab_size:
-    raise UsageError(f'model.vocab_size={model_vocab_size}: smaller than the tokenizer\'s {tokenizer.vocab_size} '
-                     f'pieces ({tokenizer.path}); set --config.model.vocab_size={tokenizer.vocab_size}')
+    raise UsageError(
+      f'model.vocab_size={model_vocab_size}: smaller than the tokenizer\'s {tokenizer.vocab_size} '
+      f'pieces ({tokenizer.path}); set --config.model.vocab_size={tokenizer.vocab_size}'
+    )
 
 
 def main(args) -> None:
   from absl import flags
+
   f = flags.FLAGS
   if args.positional[1:] != ['train']:
     raise UsageError(f'expected the command "train"; got {" ".join(args.positional[1:]) or "nothing"}')
   if not f.source or not f.out:
-    raise UsageError('train needs --source and --out: python -m layerskip_jax.data.tokenizer train --source S '
-                     '--out tokenizer.model')
-  out = train_sentencepiece(f.source, f.vocab_size, f.out, split=f.split, tfds_data_dir=f.tfds_data_dir,
-                            text_key=f.text_key)
+    raise UsageError(
+      'train needs --source and --out: python -m layerskip_jax.data.tokenizer train --source S --out tokenizer.model'
+    )
+  out = train_sentencepiece(
+    f.source, f.vocab_size, f.out, split=f.split, tfds_data_dir=f.tfds_data_dir, text_key=f.text_key
+  )
   tok = load(out)
   print(f'wrote {out}: {tok.vocab_size} pieces')
 
@@ -308,6 +356,7 @@ if __name__ == '__main__':
   from absl import flags
 
   from layerskip_jax import cli
+
   flags.DEFINE_string('source', None, 'python_stdlib, a directory, glob, @list file, .jsonl, or tfds:NAME')
   flags.DEFINE_string('split', 'train', 'split of the source (python_stdlib: train or heldout)')
   flags.DEFINE_integer('vocab_size', 1024, 'pieces in the trained model')

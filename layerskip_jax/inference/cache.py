@@ -21,8 +21,9 @@ def cache_length(prompt_length: int, max_new_tokens: int, max_speculations: int)
   return prompt_length + max_new_tokens + max_speculations + 1
 
 
-def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, max_speculations: int, *,
-                 prefix: str = '') -> int:
+def check_length(
+  config: ModelConfig, prompt_length: int, max_new_tokens: int, max_speculations: int, *, prefix: str = ''
+) -> int:
   """The cache length, checked against the model's positions before anything compiles (never rely on
   dynamic_update_slice clamping an out-of-range write onto valid slots). `prefix` goes before the names in messages
   ('--' when the values came from command-line flags)."""
@@ -36,9 +37,11 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int, m
   if length > config.max_position_embeddings:
     room = config.max_position_embeddings - cache_length(prompt_length, 0, max_speculations)
     fix = f'give {prefix}max_new_tokens <= {room}' if room >= 1 else 'shorten the prompt'
-    raise UsageError(f'{prefix}max_new_tokens={max_new_tokens}: prompt ({prompt_length}) + max_new_tokens + '
-                     f'num_speculations bound ({max_speculations}) + 1 = {length} exceeds the model\'s '
-                     f'max_position_embeddings={config.max_position_embeddings}; {fix}')
+    raise UsageError(
+      f'{prefix}max_new_tokens={max_new_tokens}: prompt ({prompt_length}) + max_new_tokens + '
+      f'num_speculations bound ({max_speculations}) + 1 = {length} exceeds the model\'s '
+      f'max_position_embeddings={config.max_position_embeddings}; {fix}'
+    )
   return length
 
 

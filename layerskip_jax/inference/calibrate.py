@@ -106,20 +106,27 @@ class Choice:
 
   def as_stats(self) -> dict[str, Any]:
     """What generate()'s stats['auto'] holds."""
-    return {'exit_layer': self.exit_layer, 'num_speculations': self.num_speculations,
-            'confidence_threshold': self.confidence_threshold, 'adapt_threshold': self.adapt_threshold,
-            'reason': self.reason,
-            'predicted_ms_per_token': self.predicted_ms_per_token}
+    return {
+      'exit_layer': self.exit_layer,
+      'num_speculations': self.num_speculations,
+      'confidence_threshold': self.confidence_threshold,
+      'adapt_threshold': self.adapt_threshold,
+      'reason': self.reason,
+      'predicted_ms_per_token': self.predicted_ms_per_token,
+    }
 
 
 def check_auto(num_layers: int, name: str = 'exit_layer', prefix: str = '') -> None:
   """UsageError unless a model of `num_layers` can be self-speculative (auto's only strategy)."""
   if num_layers < 2:
-    raise UsageError(f'{prefix}{name}=auto: the model has {num_layers} layer{"" if num_layers == 1 else "s"}; '
-                     'self-speculative decoding needs at least 2 (E in 1..L-1)')
+    raise UsageError(
+      f'{prefix}{name}=auto: the model has {num_layers} layer{"" if num_layers == 1 else "s"}; '
+      'self-speculative decoding needs at least 2 (E in 1..L-1)'
+    )
 
 
 # --- 2. every exit's agreement with the last one, and replayed rounds ----------------------------------------
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _exit_argmax(graphdef, state, tokens):
@@ -137,10 +144,10 @@ def exit_argmax(model, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
   width = min(-(-max(map(len, rows)) // 64) * 64, model.config.max_position_embeddings)
   tokens = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
+    tokens[i, : len(row)] = row
   graphdef, state = nnx.split(model)
   argmax = np.asarray(_exit_argmax(graphdef, state, jnp.asarray(tokens)))
-  return [argmax[:, i, :len(row)] for i, row in enumerate(rows)]
+  return [argmax[:, i, : len(row)] for i, row in enumerate(rows)]
 
 
 def agreement(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -149,7 +156,7 @@ def agreement(model, prompts: Sequence[Sequence[int]], continuations: Sequence[S
   argmax = exit_argmax(model, [list(p) + list(c) for p, c in zip(prompts, continuations)])
   out = []
   for a, prompt, continuation in zip(argmax, prompts, continuations):
-    window = a[:, len(prompt):len(prompt) + len(continuation)]
+    window = a[:, len(prompt) : len(prompt) + len(continuation)]
     out.append(window == window[-1:])
   return out
 
@@ -180,6 +187,7 @@ def mean_run(agree: Sequence[np.ndarray]) -> float:
 @dataclasses.dataclass
 class Replay:
   """Greedy self-speculative decoding of one batch with d drafts, replayed from its rows' run lengths."""
+
   draft_steps: list[int]  # per round: drafts made by the row that drafted most (the draft loop's iterations)
   drafted: list[int]  # per row
   accepted: list[int]  # per row
@@ -216,6 +224,7 @@ def replay(runs: Sequence[np.ndarray], lengths: Sequence[int], d: int, max_new_t
 
 # --- 3. step costs, 4. the model -----------------------------------------------------------------------------
 
+
 def _decode_steps(result) -> int:
   """Loop iterations of an autoregressive or early-exit call: the longest row's tokens after its prefill token."""
   return max(max(r['new_tokens'] for r in result.stats['rows']) - 1, 1)
@@ -248,6 +257,7 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 class CostModel:
   """Seconds per decode step of one batch through E layers, steps[E] (steps[L] = AR), and v(d): what a round's
   verify of d + 1 rows through layers [E, L) costs in units of one row's (1 until measurements say otherwise)."""
+
   steps: dict[int, float]
   num_layers: int
   v_intercept: float = 1.0
@@ -287,6 +297,7 @@ class CostModel:
 
 # --- choose ------------------------------------------------------------------------------------------------
 
+
 def _check_choose(lm, rows, max_new_tokens, exit_layers, speculations, batch_size):
   num_layers = lm.num_layers
   check_auto(num_layers)
@@ -300,8 +311,10 @@ def _check_choose(lm, rows, max_new_tokens, exit_layers, speculations, batch_siz
         raise UsageError(f'{name}: {value!r} is not an integer')
   for e in exit_layers:
     if not 1 <= e < num_layers:
-      raise UsageError(f'exit_layers: {e} is out of range: must be 1..{num_layers - 1} (E counts the layers run; '
-                       f'the model has {num_layers})')
+      raise UsageError(
+        f'exit_layers: {e} is out of range: must be 1..{num_layers - 1} (E counts the layers run; '
+        f'the model has {num_layers})'
+      )
   for d in speculations:
     if d < 1:
       raise UsageError(f'num_speculations: {d} is out of range: must be at least 1')
@@ -317,9 +330,17 @@ def _check_choose(lm, rows, max_new_tokens, exit_layers, speculations, batch_siz
   return sorted({int(e) for e in exit_layers}), sorted({int(d) for d in speculations})
 
 
-def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
-           exit_layers: Sequence[int] | None = None, num_speculations: Sequence[int] | None = None,
-           batch_size: int = 1, refine: int | None = None, log: Callable[[str], None] | None = print) -> Choice:
+def choose(
+  lm: LoadedModel,
+  prompts: Sequence,
+  *,
+  max_new_tokens: int = 32,
+  exit_layers: Sequence[int] | None = None,
+  num_speculations: Sequence[int] | None = None,
+  batch_size: int = 1,
+  refine: int | None = None,
+  log: Callable[[str], None] | None = print,
+) -> Choice:
   """The self-speculative setting fastest on `prompts` (token-id lists, or strings with lm's tokenizer) decoded
   `batch_size` rows at a time, greedy, `max_new_tokens` per row (see the module docstring for how).
 
@@ -340,13 +361,15 @@ def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
   say = log or (lambda _: None)
   num_layers = lm.num_layers
   starts = range(0, len(rows), batch_size)
-  batches = [rows[i:i + batch_size] for i in starts]
+  batches = [rows[i : i + batch_size] for i in starts]
   bucket = getattr(generate_lib, 'PROMPT_BUCKET', 1)  # generate() pads prompts to a multiple of this
   shape = lambda batch: (len(batch), -(-max(map(len, batch)) // bucket))
   timed_index = [i for i, b in enumerate(batches) if shape(b) == shape(batches[0])][:TIMED_BATCHES]
   timed = [batches[i] for i in timed_index]  # one shape: one program per setting
-  say(f'auto: calibrating E and d on {len(rows)} prompt{"s" if len(rows) > 1 else ""} x {max_new_tokens} tokens '
-      f'(batch {batch_size}): {len(exit_layers)} E x {len(speculations)} d')
+  say(
+    f'auto: calibrating E and d on {len(rows)} prompt{"s" if len(rows) > 1 else ""} x {max_new_tokens} tokens '
+    f'(batch {batch_size}): {len(exit_layers)} E x {len(speculations)} d'
+  )
 
   # 1. the greedy continuations, from the early-exit program at E = L (the full model; also step 3's program)
   early = dict(strategy='early_exit', max_new_tokens=max_new_tokens)
@@ -364,9 +387,18 @@ def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
   agree = agreement(lm.decode_model, rows, continuations)
   runs = [run_lengths(a) for a in agree]
   candidates = [Setting(e, d) for e in exit_layers for d in speculations]
-  replays = {s: [replay([runs[r][s.exit_layer - 1] for r in range(i, i + len(b))], lengths[i:i + len(b)],
-                        s.num_speculations, max_new_tokens) for i, b in zip(starts, batches)]
-             for s in candidates}
+  replays = {
+    s: [
+      replay(
+        [runs[r][s.exit_layer - 1] for r in range(i, i + len(b))],
+        lengths[i : i + len(b)],
+        s.num_speculations,
+        max_new_tokens,
+      )
+      for i, b in zip(starts, batches)
+    ]
+    for s in candidates
+  }
 
   # 3. a step through E layers (E = L: a full step), repeats interleaved, the fastest of each made non-decreasing in
   # E. Where E is static (stacked weights: GPU/TPU) each exit is a compile: a few exits, and lines between them.
@@ -382,23 +414,29 @@ def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
     for e in exits:
       results = [lm.generate(batch, exit_layer=e, **early) for batch in timed]
       seconds[e].append([r.stats['decode_seconds'] / _decode_steps(r) for r in results])
-  model = CostModel(dict(zip(exits, nondecreasing([float(np.mean(np.min(seconds[e], axis=0))) for e in exits]))),
-                    num_layers)
+  model = CostModel(
+    dict(zip(exits, nondecreasing([float(np.mean(np.min(seconds[e], axis=0))) for e in exits]))), num_layers
+  )
   ar = model.step(num_layers)
-  ar_ms = 1e3 * ar * sum(max(lengths[i:i + len(b)]) - 1 for i, b in zip(starts, batches)) / tokens
+  ar_ms = 1e3 * ar * sum(max(lengths[i : i + len(b)]) - 1 for i, b in zip(starts, batches)) / tokens
 
   # 4. the modelled ms/token of every candidate on all calibration rows, with a one-row verify
   def row(s: Setting) -> dict[str, Any]:
     rounds = sum(sum(r.rounds) for r in replays[s])
-    return {'exit_layer': s.exit_layer, 'num_speculations': s.num_speculations,
-            'confidence_threshold': s.confidence_threshold, 'adapt_threshold': s.adapt_threshold,
-            'agreement': float(np.mean(np.concatenate([a[s.exit_layer - 1] for a in agree]))),
-            'expected_accepted': sum(sum(r.accepted) for r in replays[s]) / max(rounds, 1),
-            'acceptance_rate': sum(sum(r.accepted) for r in replays[s]) / max(sum(sum(r.drafted) for r in replays[s]),
-                                                                              1),
-            'draft_step_ms': 1e3 * model.step(s.exit_layer),
-            'modelled_ms_per_token': 1e3 * model.seconds(s, replays[s], v=1.0) / tokens,
-            'refitted_ms_per_token': None, 'measured_ms_per_token': None}
+    return {
+      'exit_layer': s.exit_layer,
+      'num_speculations': s.num_speculations,
+      'confidence_threshold': s.confidence_threshold,
+      'adapt_threshold': s.adapt_threshold,
+      'agreement': float(np.mean(np.concatenate([a[s.exit_layer - 1] for a in agree]))),
+      'expected_accepted': sum(sum(r.accepted) for r in replays[s]) / max(rounds, 1),
+      'acceptance_rate': sum(sum(r.accepted) for r in replays[s]) / max(sum(sum(r.drafted) for r in replays[s]), 1),
+      'draft_step_ms': 1e3 * model.step(s.exit_layer),
+      'modelled_ms_per_token': 1e3 * model.seconds(s, replays[s], v=1.0) / tokens,
+      'refitted_ms_per_token': None,
+      'measured_ms_per_token': None,
+    }
+
   table = {s: row(s) for s in candidates}
   order = sorted(candidates, key=lambda s: table[s]['modelled_ms_per_token'])
 
@@ -469,15 +507,21 @@ def choose(lm: LoadedModel, prompts: Sequence, *, max_new_tokens: int = 32,
   measured = [s for s in candidates if s in samples]
   best = min(measured or candidates, key=lambda s: _ms(table[s]))
   runner_up = min((s for s in (measured or candidates) if s != best), key=lambda s: _ms(table[s]), default=None)
-  reason = _reason(table[best], table[runner_up] if runner_up else None, model, ar_ms,
-                   [a[best.exit_layer - 1] for a in agree])
+  reason = _reason(
+    table[best], table[runner_up] if runner_up else None, model, ar_ms, [a[best.exit_layer - 1] for a in agree]
+  )
   say(f'auto: {reason}')
-  return Choice(exit_layer=best.exit_layer, num_speculations=best.num_speculations,
-                confidence_threshold=best.confidence_threshold, adapt_threshold=best.adapt_threshold,
-                predicted_ms_per_token=_ms(table[best]),
-                reason=reason, autoregressive_ms_per_token=ar_ms,
-                table=[table[s] for s in order] + [table[s] for s in candidates if s.adapt_threshold],
-                seconds=time.perf_counter() - begin)
+  return Choice(
+    exit_layer=best.exit_layer,
+    num_speculations=best.num_speculations,
+    confidence_threshold=best.confidence_threshold,
+    adapt_threshold=best.adapt_threshold,
+    predicted_ms_per_token=_ms(table[best]),
+    reason=reason,
+    autoregressive_ms_per_token=ar_ms,
+    table=[table[s] for s in order] + [table[s] for s in candidates if s.adapt_threshold],
+    seconds=time.perf_counter() - begin,
+  )
 
 
 def _ms(row: dict) -> float:
@@ -495,12 +539,16 @@ def _reason(best: dict, runner_up: dict | None, model: CostModel, ar_ms: float, 
   verdict = f'{speed:.2f}x autoregressive ({ar_ms:.2f} ms/token)'
   if speed < 1:
     verdict += ', slower: on these prompts prefer strategy autoregressive'
-  label = lambda row: (f'E={row["exit_layer"]} d={row["num_speculations"]}'
-                       + (' with an adaptive threshold' if row.get('adapt_threshold') else ''))
-  text = (f'{label(best)}: exit {e} agrees with the last exit on {best["agreement"]:.0%} of tokens{runs}, '
-          f'{best["expected_accepted"]:.2f} of {d} drafts accepted per round; a draft step costs '
-          f'{best["draft_step_ms"]:.2f} ms against {1e3 * model.step(model.num_layers):.2f} for a full step: '
-          f'{numbers}, {verdict}')
+  label = lambda row: (
+    f'E={row["exit_layer"]} d={row["num_speculations"]}'
+    + (' with an adaptive threshold' if row.get('adapt_threshold') else '')
+  )
+  text = (
+    f'{label(best)}: exit {e} agrees with the last exit on {best["agreement"]:.0%} of tokens{runs}, '
+    f'{best["expected_accepted"]:.2f} of {d} drafts accepted per round; a draft step costs '
+    f'{best["draft_step_ms"]:.2f} ms against {1e3 * model.step(model.num_layers):.2f} for a full step: '
+    f'{numbers}, {verdict}'
+  )
   if runner_up is not None:
     measured = ' measured' if runner_up['measured_ms_per_token'] is not None else ' modelled'
     text += f'; {label(runner_up)} next at {_ms(runner_up):.2f}{measured}'

@@ -37,6 +37,7 @@ class Sampling(NamedTuple):
 
 class Drafting(NamedTuple):
   """When a self-speculative row stops drafting early (spec section 2.5); runtime values, like E and d."""
+
   threshold: jax.Array  # float32: stop after a draft whose top probability is below it (0 = off; the start value
   #                       of every row's threshold when adapting)
   adapt: jax.Array  # bool: move each row's threshold by ADAPT_STEP per round from its acceptance
@@ -92,8 +93,9 @@ def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v
   last prompt position, and the filled cache."""
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  x_e, cache_k, cache_v, _ = run_cached(model, layer_params, model.embed(tokens), positions, cache_k, cache_v,
-                                        stop=exit_layer)
+  x_e, cache_k, cache_v, _ = run_cached(
+    model, layer_params, model.embed(tokens), positions, cache_k, cache_v, stop=exit_layer
+  )
   x_l = x_e
   if not isinstance(exit_layer, int) or exit_layer < model.config.num_hidden_layers:
     x_l, cache_k, cache_v, _ = run_cached(model, layer_params, x_e, positions, cache_k, cache_v, start=exit_layer)
@@ -105,14 +107,29 @@ def _prefill(model: Transformer, layer_params, tokens, lengths, cache_k, cache_v
 def _one_token_step(model, layer_params, state: DecodeState, exit_layer, greedy, sampling, eos_ids, max_new):
   """Autoregressive (exit_layer = L) or early-exit decoding of one token per row."""
   active = ~state.done
-  x, cache_k, cache_v, ran = run_cached(model, layer_params, model.embed(state.y0[:, None]), state.pos[:, None],
-                                        state.cache_k, state.cache_v, stop=exit_layer)
+  x, cache_k, cache_v, ran = run_cached(
+    model,
+    layer_params,
+    model.embed(state.y0[:, None]),
+    state.pos[:, None],
+    state.cache_k,
+    state.cache_v,
+    stop=exit_layer,
+  )
   key, sub = jax.random.split(state.key)
   token, _ = _choose(sub, model.head(x[:, 0]), greedy, sampling)
   out, n_out, done = _emit(state, token[:, None], jnp.ones_like(state.n_out), eos_ids, max_new)
-  return state._replace(cache_k=cache_k, cache_v=cache_v, y0=jnp.where(active, token, state.y0),
-                        pos=state.pos + active, out=out, n_out=n_out, done=done, key=key,
-                        layer_rows=state.layer_rows + ran * jnp.sum(active))
+  return state._replace(
+    cache_k=cache_k,
+    cache_v=cache_v,
+    y0=jnp.where(active, token, state.y0),
+    pos=state.pos + active,
+    out=out,
+    n_out=n_out,
+    done=done,
+    key=key,
+    layer_rows=state.layer_rows + ran * jnp.sum(active),
+  )
 
 
 def _top_probability(logits: jax.Array, probs: jax.Array | None) -> jax.Array:
@@ -122,8 +139,19 @@ def _top_probability(logits: jax.Array, probs: jax.Array | None) -> jax.Array:
   return 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
 
 
-def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_speculations, d_max, greedy,
-                       sampling, drafting: Drafting, eos_ids, max_new):
+def _speculative_round(
+  model,
+  layer_params,
+  state: DecodeState,
+  exit_layer,
+  num_speculations,
+  d_max,
+  greedy,
+  sampling,
+  drafting: Drafting,
+  eos_ids,
+  max_new,
+):
   """One round: draft up to d tokens with layers [0, E), run the last draft through them too, verify the drafted
   positions with layers [E, L) from the saved x_E, accept, emit, roll back (spec section 2.2).
 
@@ -139,8 +167,9 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
   use_confidence = drafting.adapt | (drafting.threshold > 0)
 
   def through_early_layers(cache_k, cache_v, xq, token, offset):
-    x, cache_k, cache_v, ran = run_cached(model, layer_params, model.embed(token[:, None]),
-                                          (state.pos + offset)[:, None], cache_k, cache_v, stop=exit_layer)
+    x, cache_k, cache_v, ran = run_cached(
+      model, layer_params, model.embed(token[:, None]), (state.pos + offset)[:, None], cache_k, cache_v, stop=exit_layer
+    )
     xq = jax.lax.dynamic_update_slice_in_dim(xq, x, offset, axis=1)  # save x_E (the "Q" of the KVQ cache)
     return cache_k, cache_v, xq, x[:, 0], ran
 
@@ -164,15 +193,14 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
   drafts = jnp.zeros((batch, d_max), jnp.int32)
   draft_probs = None if greedy else jnp.zeros((batch, d_max, vocab), jnp.float32)
   zeros = jnp.zeros((batch,), jnp.int32)
-  carry = (jnp.int32(0), state.cache_k, state.cache_v, xq, state.y0, drafts, draft_probs, zeros, limit > 0,
-           state.key)
+  carry = (jnp.int32(0), state.cache_k, state.cache_v, xq, state.y0, drafts, draft_probs, zeros, limit > 0, state.key)
   k, cache_k, cache_v, xq, y_last, drafts, draft_probs, n_drafts, _, key = jax.lax.while_loop(
-      lambda carry: (carry[0] < num_speculations) & jnp.any(carry[-2]), draft, carry)
+    lambda carry: (carry[0] < num_speculations) & jnp.any(carry[-2]), draft, carry
+  )
   cache_k, cache_v, xq, _, ran_early = through_early_layers(cache_k, cache_v, xq, y_last, k)  # x_E of p..p+k known
 
   verify_pos = state.pos[:, None] + jnp.arange(d_max + 1)
-  x_l, cache_k, cache_v, ran_late = run_cached(model, layer_params, xq, verify_pos, cache_k, cache_v,
-                                               start=exit_layer)
+  x_l, cache_k, cache_v, ran_late = run_cached(model, layer_params, xq, verify_pos, cache_k, cache_v, start=exit_layer)
   # meaningful rows: each active row's drafts and the token before them, through every layer once (KVQ reuse)
   rows = state.layer_rows + (ran_early | ran_late) * jnp.sum(jnp.where(active, n_drafts + 1, 0))
   logits = model.head(x_l)  # row j judges draft j+1; row a gives the correction or the bonus token
@@ -193,8 +221,9 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
     next_token = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
   else:
     p_a = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
-    q_a = jnp.take_along_axis(jnp.concatenate([draft_probs, jnp.zeros_like(p[:, :1])], axis=1), a[:, None, None],
-                              axis=1)[:, 0]
+    q_a = jnp.take_along_axis(
+      jnp.concatenate([draft_probs, jnp.zeros_like(p[:, :1])], axis=1), a[:, None, None], axis=1
+    )[:, 0]
     residual = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     rejected = (a < n_drafts)[:, None]
@@ -210,10 +239,20 @@ def _speculative_round(model, layer_params, state: DecodeState, exit_layer, num_
   tokens = jnp.where(jnp.arange(d_max + 1) < a[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
   out, n_out, done = _emit(state, tokens, a + 1, eos_ids, max_new)
   return state._replace(
-      cache_k=cache_k, cache_v=cache_v, y0=jnp.where(active, next_token, state.y0),
-      pos=jnp.where(active, state.pos + a + 1, state.pos), out=out, n_out=n_out, done=done, key=key,
-      drafted=state.drafted + n_drafts, accepted=state.accepted + jnp.where(active, a, 0),
-      rounds=state.rounds + active, threshold=threshold, layer_rows=rows)
+    cache_k=cache_k,
+    cache_v=cache_v,
+    y0=jnp.where(active, next_token, state.y0),
+    pos=jnp.where(active, state.pos + a + 1, state.pos),
+    out=out,
+    n_out=n_out,
+    done=done,
+    key=key,
+    drafted=state.drafted + n_drafts,
+    accepted=state.accepted + jnp.where(active, a, 0),
+    rounds=state.rounds + active,
+    threshold=threshold,
+    layer_rows=rows,
+  )
 
 
 def _exits(model, strategy: str, exit_layer, static_exit: int | None):
@@ -225,11 +264,28 @@ def _exits(model, strategy: str, exit_layer, static_exit: int | None):
   return (static_exit if static_exit is not None else jnp.asarray(exit_layer, jnp.int32)), num_layers
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'cache_len', 'greedy',
-                                             'eos_ids', 'static_exit'))
-def prefill(graphdef, params, layer_params, tokens, lengths, exit_layer, sampling: Sampling, drafting: Drafting, key,
-            *, strategy: str, max_new: int, d_max: int, cache_len: int, greedy: bool, eos_ids: tuple[int, ...],
-            static_exit: int | None = None) -> DecodeState:
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'cache_len', 'greedy', 'eos_ids', 'static_exit')
+)
+def prefill(
+  graphdef,
+  params,
+  layer_params,
+  tokens,
+  lengths,
+  exit_layer,
+  sampling: Sampling,
+  drafting: Drafting,
+  key,
+  *,
+  strategy: str,
+  max_new: int,
+  d_max: int,
+  cache_len: int,
+  greedy: bool,
+  eos_ids: tuple[int, ...],
+  static_exit: int | None = None,
+) -> DecodeState:
   """Runs the right-padded prompts tokens [B, P] (lengths [B]) through every layer into a fresh cache and emits
   the first token (from exit E for early_exit, else from the last exit). static_exit: E as a Python int (the
   stacked-weights program, one per exit), else exit_layer is a runtime value."""
@@ -241,27 +297,64 @@ def prefill(graphdef, params, layer_params, tokens, lengths, exit_layer, samplin
   key, sub = jax.random.split(key)
   first, _ = _choose(sub, logits_e if strategy == 'early_exit' else logits_l, greedy, sampling)
   zeros = jnp.zeros((batch,), jnp.int32)
-  state = DecodeState(cache_k=cache_k, cache_v=cache_v, y0=first, pos=lengths.astype(jnp.int32),
-                      out=jnp.zeros((batch, max_new + d_max + 1), jnp.int32), n_out=zeros,
-                      done=jnp.zeros((batch,), bool), key=key, drafted=zeros, accepted=zeros, rounds=zeros,
-                      threshold=jnp.full((batch,), drafting.threshold, jnp.float32),
-                      layer_rows=jnp.zeros((num_layers,), jnp.int32))
+  state = DecodeState(
+    cache_k=cache_k,
+    cache_v=cache_v,
+    y0=first,
+    pos=lengths.astype(jnp.int32),
+    out=jnp.zeros((batch, max_new + d_max + 1), jnp.int32),
+    n_out=zeros,
+    done=jnp.zeros((batch,), bool),
+    key=key,
+    drafted=zeros,
+    accepted=zeros,
+    rounds=zeros,
+    threshold=jnp.full((batch,), drafting.threshold, jnp.float32),
+    layer_rows=jnp.zeros((num_layers,), jnp.int32),
+  )
   out, n_out, done = _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), eos_ids, max_new)
   return state._replace(out=out, n_out=n_out, done=done)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'greedy', 'eos_ids',
-                                             'static_exit'),
-                   donate_argnums=(3,))
-def decode_loop(graphdef, params, layer_params, state: DecodeState, exit_layer, num_speculations,
-                sampling: Sampling, drafting: Drafting, *, strategy: str, max_new: int, d_max: int, greedy: bool,
-                eos_ids: tuple[int, ...], static_exit: int | None = None) -> DecodeState:
+@functools.partial(
+  jax.jit,
+  static_argnames=('graphdef', 'strategy', 'max_new', 'd_max', 'greedy', 'eos_ids', 'static_exit'),
+  donate_argnums=(3,),
+)
+def decode_loop(
+  graphdef,
+  params,
+  layer_params,
+  state: DecodeState,
+  exit_layer,
+  num_speculations,
+  sampling: Sampling,
+  drafting: Drafting,
+  *,
+  strategy: str,
+  max_new: int,
+  d_max: int,
+  greedy: bool,
+  eos_ids: tuple[int, ...],
+  static_exit: int | None = None,
+) -> DecodeState:
   """Generates until every row is done, in one lax.while_loop (no per-token dispatch or host transfer)."""
   model = nnx.merge(graphdef, params)
   exit_layer, num_layers = _exits(model, strategy, exit_layer, static_exit)
   if strategy == 'self_speculative':
-    step = lambda s: _speculative_round(model, layer_params, s, exit_layer, jnp.asarray(num_speculations, jnp.int32),
-                                        d_max, greedy, sampling, drafting, eos_ids, max_new)
+    step = lambda s: _speculative_round(
+      model,
+      layer_params,
+      s,
+      exit_layer,
+      jnp.asarray(num_speculations, jnp.int32),
+      d_max,
+      greedy,
+      sampling,
+      drafting,
+      eos_ids,
+      max_new,
+    )
   else:
     step_exit = exit_layer if strategy == 'early_exit' else num_layers
     step = lambda s: _one_token_step(model, layer_params, s, step_exit, greedy, sampling, eos_ids, max_new)

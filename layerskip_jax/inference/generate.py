@@ -53,9 +53,19 @@ def encode_prompts(prompts: Sequence, tokenizer: Tokenizer | None) -> list[list[
   return rows
 
 
-def check_request(config: ModelConfig, *, strategy: str, exit_layer: int | None, num_speculations: int,
-                  temperature: float, top_k: int, top_p: float, max_speculations: int | None = None,
-                  confidence_threshold: float = 0.0, prefix: str = '') -> tuple[int, int]:
+def check_request(
+  config: ModelConfig,
+  *,
+  strategy: str,
+  exit_layer: int | None,
+  num_speculations: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  max_speculations: int | None = None,
+  confidence_threshold: float = 0.0,
+  prefix: str = '',
+) -> tuple[int, int]:
   """(exit layer, d_max) of a request, or UsageError naming the one value that is wrong. Needs only the model's
   config: the `generate` command calls it (prefix='--': messages name its flags) before loading the weights.
 
@@ -72,27 +82,39 @@ def check_request(config: ModelConfig, *, strategy: str, exit_layer: int | None,
   if not isinstance(exit_layer, numbers.Integral) or isinstance(exit_layer, bool):
     raise UsageError(f'{prefix}exit_layer={exit_layer!r}: must be an integer in 1..{high}')
   if not 1 <= exit_layer <= high:
-    raise UsageError(f'{prefix}exit_layer={exit_layer}: must be in 1..{high} for {prefix}strategy={strategy} '
-                     f'(E counts layers run; the model has {num_layers})')
+    raise UsageError(
+      f'{prefix}exit_layer={exit_layer}: must be in 1..{high} for {prefix}strategy={strategy} '
+      f'(E counts layers run; the model has {num_layers})'
+    )
   if not isinstance(num_speculations, numbers.Integral) or isinstance(num_speculations, bool):
     raise UsageError(f'{prefix}num_speculations={num_speculations!r}: must be an integer of at least 1')
   if strategy == 'self_speculative' and not 1 <= num_speculations:
     raise UsageError(f'{prefix}num_speculations={num_speculations}: must be at least 1')
-  if (not isinstance(confidence_threshold, numbers.Real) or isinstance(confidence_threshold, bool)
-      or not 0 <= confidence_threshold <= 1):
-    raise UsageError(f'{prefix}confidence_threshold={confidence_threshold!r}: must be a number in [0, 1] (a row '
-                     'stops drafting after a draft whose top probability is below it; 0 = off)')
+  if (
+    not isinstance(confidence_threshold, numbers.Real)
+    or isinstance(confidence_threshold, bool)
+    or not 0 <= confidence_threshold <= 1
+  ):
+    raise UsageError(
+      f'{prefix}confidence_threshold={confidence_threshold!r}: must be a number in [0, 1] (a row '
+      'stops drafting after a draft whose top probability is below it; 0 = off)'
+    )
   check_parameters(temperature, top_k, top_p, prefix=prefix)
   exit_layer = int(exit_layer)  # a numpy integer would not count as a static (Python int) exit
   if strategy != 'self_speculative':
     return exit_layer, 0
   if max_speculations is None:
     return exit_layer, int(num_speculations)
-  if (not isinstance(max_speculations, numbers.Integral) or isinstance(max_speculations, bool)
-      or max_speculations < num_speculations):
-    raise UsageError(f'{prefix}max_speculations={max_speculations!r}: the d bucket must hold d '
-                     f'({prefix}num_speculations={num_speculations}): give at least {num_speculations}, or leave it '
-                     'unset (one program per d)')
+  if (
+    not isinstance(max_speculations, numbers.Integral)
+    or isinstance(max_speculations, bool)
+    or max_speculations < num_speculations
+  ):
+    raise UsageError(
+      f'{prefix}max_speculations={max_speculations!r}: the d bucket must hold d '
+      f'({prefix}num_speculations={num_speculations}): give at least {num_speculations}, or leave it '
+      'unset (one program per d)'
+    )
   return exit_layer, int(max_speculations)
 
 
@@ -109,12 +131,26 @@ def compiled_programs() -> int:
   return prefill._cache_size() + decode_loop._cache_size()
 
 
-def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | None = None,
-             strategy: str = 'autoregressive', exit_layer: int | None = None, num_speculations: int = 4,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, max_speculations: int | None = None,
-             confidence_threshold: float = 0.0, adapt_threshold: bool = False,
-             unstack_layers: bool | None = None, layer_params: tuple | None = None) -> GenerateResult:
+def generate(
+  model: Transformer,
+  prompts: Sequence,
+  *,
+  tokenizer: Tokenizer | None = None,
+  strategy: str = 'autoregressive',
+  exit_layer: int | None = None,
+  num_speculations: int = 4,
+  max_new_tokens: int = 64,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_ids: Sequence[int] | None = None,
+  max_speculations: int | None = None,
+  confidence_threshold: float = 0.0,
+  adapt_threshold: bool = False,
+  unstack_layers: bool | None = None,
+  layer_params: tuple | None = None,
+) -> GenerateResult:
   """Batched generation (ragged prompts allowed) with one of STRATEGIES; see layerskip_jax/inference/decode.py.
 
   max_speculations: the static d bucket (verify block of max_speculations + 1 rows) shared by every d up to it;
@@ -129,10 +165,17 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   layer_params: `decode_weights(model).layer_params` made once, to reuse across calls in the unstacked layout
     (made here when needed and not given; a model given with them is taken to be its decode model already).
   """
-  exit_layer, d_max = check_request(model.config, strategy=strategy, exit_layer=exit_layer,
-                                    num_speculations=num_speculations, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, max_speculations=max_speculations,
-                                    confidence_threshold=confidence_threshold)
+  exit_layer, d_max = check_request(
+    model.config,
+    strategy=strategy,
+    exit_layer=exit_layer,
+    num_speculations=num_speculations,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    max_speculations=max_speculations,
+    confidence_threshold=confidence_threshold,
+  )
   if not isinstance(adapt_threshold, bool):
     raise UsageError(f'adapt_threshold={adapt_threshold!r}: must be True or False')
   if unstack_layers is None:
@@ -153,7 +196,7 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   cache_len = cache_length(width, max_new_tokens, d_max)
   tokens = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
+    tokens[i, : len(row)] = row
   if eos_ids is None:
     eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
   greedy = temperature == 0
@@ -162,30 +205,60 @@ def generate(model: Transformer, prompts: Sequence, *, tokenizer: Tokenizer | No
   drafting = Drafting(jnp.float32(threshold), jnp.bool_(adapt_threshold))
   graphdef, params = nnx.split(model)
   layer_params = weights.layer_params
-  static = dict(strategy=strategy, max_new=max_new_tokens, d_max=d_max, greedy=greedy, eos_ids=tuple(eos_ids),
-                static_exit=None if weights.runtime_exit or strategy == 'autoregressive' else exit_layer)
+  static = dict(
+    strategy=strategy,
+    max_new=max_new_tokens,
+    d_max=d_max,
+    greedy=greedy,
+    eos_ids=tuple(eos_ids),
+    static_exit=None if weights.runtime_exit or strategy == 'autoregressive' else exit_layer,
+  )
 
   begin = time.perf_counter()
-  state = prefill(graphdef, params, layer_params, jnp.asarray(tokens), jnp.asarray(lengths), exit_layer, sampling,
-                  drafting, jax.random.key(seed), cache_len=cache_len, **static)
+  state = prefill(
+    graphdef,
+    params,
+    layer_params,
+    jnp.asarray(tokens),
+    jnp.asarray(lengths),
+    exit_layer,
+    sampling,
+    drafting,
+    jax.random.key(seed),
+    cache_len=cache_len,
+    **static,
+  )
   jax.block_until_ready(state.n_out)
   prefill_seconds = time.perf_counter() - begin
   begin = time.perf_counter()
-  state = decode_loop(graphdef, params, layer_params, state, exit_layer, num_speculations, sampling, drafting,
-                      **static)
+  state = decode_loop(graphdef, params, layer_params, state, exit_layer, num_speculations, sampling, drafting, **static)
   out, n_out, drafted, accepted, rounds, layer_rows = jax.device_get(
-      (state.out, state.n_out, state.drafted, state.accepted, state.rounds, state.layer_rows))
+    (state.out, state.n_out, state.drafted, state.accepted, state.rounds, state.layer_rows)
+  )
   decode_seconds = time.perf_counter() - begin
 
-  generated = [out[i, :n_out[i]].tolist() for i in range(len(rows))]
-  per_row = [{'drafted': int(drafted[i]), 'accepted': int(accepted[i]),
-              'acceptance_rate': _rate(int(accepted[i]), int(drafted[i])), 'new_tokens': int(n_out[i]),
-              'rounds': int(rounds[i])}
-             for i in range(len(rows))]
+  generated = [out[i, : n_out[i]].tolist() for i in range(len(rows))]
+  per_row = [
+    {
+      'drafted': int(drafted[i]),
+      'accepted': int(accepted[i]),
+      'acceptance_rate': _rate(int(accepted[i]), int(drafted[i])),
+      'new_tokens': int(n_out[i]),
+      'rounds': int(rounds[i]),
+    }
+    for i in range(len(rows))
+  ]
   total_drafted, total_accepted = int(drafted.sum()), int(accepted.sum())
-  stats = {'rows': per_row, 'drafted': total_drafted, 'accepted': total_accepted,
-           'acceptance_rate': _rate(total_accepted, total_drafted), 'new_tokens': int(n_out.sum()),
-           'rounds': int(rounds.sum()), 'prefill_seconds': prefill_seconds, 'decode_seconds': decode_seconds,
-           'layer_rows': layer_rows.tolist()}
+  stats = {
+    'rows': per_row,
+    'drafted': total_drafted,
+    'accepted': total_accepted,
+    'acceptance_rate': _rate(total_accepted, total_drafted),
+    'new_tokens': int(n_out.sum()),
+    'rounds': int(rounds.sum()),
+    'prefill_seconds': prefill_seconds,
+    'decode_seconds': decode_seconds,
+    'layer_rows': layer_rows.tolist(),
+  }
   text = [tokenizer.decode(t) for t in generated] if tokenizer is not None else None
   return GenerateResult(tokens=generated, text=text, stats=stats)

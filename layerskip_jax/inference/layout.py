@@ -49,6 +49,7 @@ def cpu_decode_model(model: Transformer) -> Transformer:
 @dataclasses.dataclass(frozen=True)
 class DecodeWeights:
   """What a decode program runs: `model` and, in the unstacked layout, `layer_params` (None: stacked)."""
+
   model: Transformer
   layer_params: tuple[nnx.State, ...] | None = None
 
@@ -67,9 +68,17 @@ def decode_weights(model: Transformer, unstack: bool | None = None) -> DecodeWei
   return DecodeWeights(model, model.unstacked_layers(jnp.float32))
 
 
-def run_cached(model: Transformer, layer_params: tuple[nnx.State, ...] | None, x: jax.Array, positions: jax.Array,
-               cache_k: jax.Array, cache_v: jax.Array, *, start: int | jax.Array = 0,
-               stop: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def run_cached(
+  model: Transformer,
+  layer_params: tuple[nnx.State, ...] | None,
+  x: jax.Array,
+  positions: jax.Array,
+  cache_k: jax.Array,
+  cache_v: jax.Array,
+  *,
+  start: int | jax.Array = 0,
+  stop: int | jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Layers [start, stop) with the KV cache, in the layout `layer_params` says: (x, cache_k, cache_v, ran [L])."""
   if layer_params is None:
     return model.run_cached(x, positions, cache_k, cache_v, start=start, stop=stop)

@@ -68,5 +68,6 @@ def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
   """One token per row from probs [B, V]."""
-  return jax.random.categorical(key, jnp.log(jnp.maximum(probs, 1e-30)) + jnp.where(probs > 0, 0.0, -jnp.inf),
-                                axis=-1).astype(jnp.int32)
+  return jax.random.categorical(
+    key, jnp.log(jnp.maximum(probs, 1e-30)) + jnp.where(probs > 0, 0.0, -jnp.inf), axis=-1
+  ).astype(jnp.int32)

@@ -72,19 +72,33 @@ def resolve_impl(impl: str, backend: str, dtype) -> str:
   if impl == 'auto':
     return auto
   if impl in ('cudnn', 'pallas_gpu') and backend != 'gpu':
-    raise ValueError(f'model.attention_impl={impl!r} needs a GPU, but the backend is {backend}: '
-                     f'use model.attention_impl=auto (here {auto!r})')
+    raise ValueError(
+      f'model.attention_impl={impl!r} needs a GPU, but the backend is {backend}: '
+      f'use model.attention_impl=auto (here {auto!r})'
+    )
   if impl == 'cudnn' and not half:
-    raise ValueError(f"model.attention_impl='cudnn' needs bfloat16 or float16 activations, not {dtype.name}: "
-                     "set model.dtype=bfloat16, or use model.attention_impl=blockwise or pallas_gpu")
+    raise ValueError(
+      f"model.attention_impl='cudnn' needs bfloat16 or float16 activations, not {dtype.name}: "
+      "set model.dtype=bfloat16, or use model.attention_impl=blockwise or pallas_gpu"
+    )
   if impl == 'splash' and backend != 'tpu':
-    raise ValueError(f"model.attention_impl='splash' needs a TPU, but the backend is {backend}: "
-                     f'use model.attention_impl=auto (here {auto!r})')
+    raise ValueError(
+      f"model.attention_impl='splash' needs a TPU, but the backend is {backend}: "
+      f'use model.attention_impl=auto (here {auto!r})'
+    )
   return impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-              impl: str = 'blockwise', block_q: int = 512, block_k: int = 512) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  impl: str = 'blockwise',
+  block_q: int = 512,
+  block_k: int = 512,
+) -> jax.Array:
   """q [B, T, H, D], k/v [B, T, K, D] (GQA: H a multiple of K, query heads grouped over their K/V head, never
   repeated in memory if avoidable), causal by index; segment_ids [B, T] int (None: one document per row) restricts
   attention to the same segment (packed documents). Returns [B, T, H, D] in q.dtype. Softmax in float32.
@@ -137,8 +151,15 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 # ------------------------------------------------------------------------------------------------------- blockwise
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                        block_q: int = 512, block_k: int = 512) -> jax.Array:
+def blockwise_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  block_q: int = 512,
+  block_k: int = 512,
+) -> jax.Array:
   """Flash attention in plain JAX (see the module docstring); block sizes are capped at T."""
   t = q.shape[1]
   bq, bk = max(1, min(block_q, t)), max(1, min(block_k, t))
@@ -243,8 +264,11 @@ def _flash_forward(q, k, v, segment_ids, bq: int, bk: int):
       pv = jnp.einsum('bkqgs,bksd->bkqgd', p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
       return m_new, l, acc * correction[..., None] + pv
 
-    init = (jnp.full(row_shape, _M_INIT, jnp.float32), jnp.zeros(row_shape, jnp.float32),
-            jnp.zeros((*row_shape, d), jnp.float32))
+    init = (
+      jnp.full(row_shape, _M_INIT, jnp.float32),
+      jnp.zeros(row_shape, jnp.float32),
+      jnp.zeros((*row_shape, d), jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(0, _first_key_block_past(i, bq, bk, nk), key_block, init)
     l_safe = jnp.where(l > 0, l, 1.0)
     return None, ((acc / l_safe[..., None]).astype(q.dtype), m + jnp.log(l_safe))
@@ -305,8 +329,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ------------------------------------------------------------------------------------------------------------ cudnn
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                    block_q: int = 512, block_k: int = 512) -> jax.Array:
+def cudnn_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  block_q: int = 512,
+  block_k: int = 512,
+) -> jax.Array:
   """cuDNN flash attention (GPU, bf16/fp16, native GQA), causal. With segment ids: 'blockwise' (module docstring:
   the public cuDNN path cannot restrict attention to a document without a dense [T, T] bias)."""
   if segment_ids is not None:
@@ -325,8 +356,16 @@ def _pow2_tile(block: int, cap: int, t: int) -> int:
   return min(block, cap, max(16, 1 << max(0, (t - 1).bit_length())))
 
 
-def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                         block_q: int = 512, block_k: int = 512, interpret: bool = False) -> jax.Array:
+def pallas_gpu_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  block_q: int = 512,
+  block_k: int = 512,
+  interpret: bool = False,
+) -> jax.Array:
   """jax.experimental.pallas.ops.gpu.attention.mha (Triton flash attention with segment ids), causal. K/V heads
   are repeated to H (the kernel has no GQA). Tiles: powers of two >= 16, at most block_q/block_k and the kernel's
   defaults (forward 128, backward 32); T is padded to a multiple of the tiles. interpret=True runs it on a CPU."""
@@ -345,10 +384,19 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: 
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   if segment_ids is not None:
     segment_ids = _pad_seq(segment_ids.astype(jnp.int32), padded, -1)
-  sizes = gpu_attention.BlockSizes(block_q=fq, block_k=fk, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd,
-                                   block_kv_dq=bwd)
-  out = gpu_attention.mha(_pad_seq(q, padded), _pad_seq(k, padded), _pad_seq(v, padded), segment_ids,
-                          sm_scale=1.0 / math.sqrt(d), causal=True, block_sizes=sizes, interpret=interpret)
+  sizes = gpu_attention.BlockSizes(
+    block_q=fq, block_k=fk, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
+  )
+  out = gpu_attention.mha(
+    _pad_seq(q, padded),
+    _pad_seq(k, padded),
+    _pad_seq(v, padded),
+    segment_ids,
+    sm_scale=1.0 / math.sqrt(d),
+    causal=True,
+    block_sizes=sizes,
+    interpret=interpret,
+  )
   return out[:, :t].astype(q.dtype)
 
 
@@ -363,13 +411,29 @@ def _splash_kernel(heads: int, seq: int, bq: int, bkv: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   mask = splash.MultiHeadMask([splash.CausalMask((seq, seq)) for _ in range(heads)])
-  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  sizes = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
+  )
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                     block_q: int = 512, block_k: int = 512, interpret: bool = False) -> jax.Array:
+def splash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  block_q: int = 512,
+  block_k: int = 512,
+  interpret: bool = False,
+) -> jax.Array:
   """TPU splash attention (causal mask, SegmentIds, native GQA), vmapped over the batch. q is scaled by 1/sqrt(D)
   here (splash does not). Tiles: multiples of 128, at most block_q/block_k (capped at T rounded up to 128); T is
   padded to a multiple of both. interpret=True runs it on a CPU."""

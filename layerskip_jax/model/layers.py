@@ -24,14 +24,16 @@ from layerskip_jax.model.rope import apply_rope
 from layerskip_jax.sharding import ACT_BTD, ACT_BTF, ACT_BTHE, ACT_BTKE, constrain
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], config: ModelConfig,
-          init: str = 'normal') -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], config: ModelConfig, init: str = 'normal'
+) -> nnx.Param:
   """A parameter initialised like transformers' Llama (normal(0, initializer_range); norms to one)."""
   if init == 'ones':
     value = jnp.ones(shape, config.weight_dtype)
   else:
     value = (config.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(
-        config.weight_dtype)
+      config.weight_dtype
+    )
   return nnx.Param(value, logical_axes=logical_axes)
 
 
@@ -43,7 +45,6 @@ def dense(x: jax.Array, kernel: nnx.Param, dtype: jnp.dtype) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = config.rms_norm_eps
     self.scale = param(rngs, (config.hidden_size,), ('norm',), config, init='ones')
@@ -55,7 +56,6 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
@@ -72,10 +72,8 @@ class Attention(nnx.Module):
     q = dense(x, self.q_proj, dt).reshape(batch, seq, c.num_attention_heads, c.head_dim)
     k = dense(x, self.k_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
     v = dense(x, self.v_proj, dt).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
-    q = constrain(checkpoint_name(apply_rope(q, cos, sin), 'qkv_proj'),
-                  ACT_BTHE)
-    k = constrain(checkpoint_name(apply_rope(k, cos, sin), 'qkv_proj'),
-                  ACT_BTKE)
+    q = constrain(checkpoint_name(apply_rope(q, cos, sin), 'qkv_proj'), ACT_BTHE)
+    k = constrain(checkpoint_name(apply_rope(k, cos, sin), 'qkv_proj'), ACT_BTKE)
     v = constrain(checkpoint_name(v, 'qkv_proj'), ACT_BTKE)
     return q, k, v
 
@@ -100,7 +98,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
     self.dtype = c.compute_dtype
@@ -130,8 +127,16 @@ class DecoderLayer(nnx.Module):
       out = h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype)
     return constrain(out, ACT_BTD)
 
-  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, cache_k: jax.Array,
-             cache_v: jax.Array, layer: int | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def decode(
+    self,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    layer: int | jax.Array,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The layer (index `layer` of the stack) on x [B, T, D] at `positions` [B, T] (consecutive per row), with the
     fixed-size KV cache of every layer [L, B, kv_heads, S, head_dim] whose slot index is the position. Stores the
     block's K/V in place first, then attends over the layer's slice, and returns (output, cache_k, cache_v):
@@ -146,8 +151,8 @@ class DecoderLayer(nnx.Module):
     if batch <= _UNROLLED_ROW_WRITES:  # a dynamic_update_slice per row (its own position): in place on a CPU
       for b in range(batch):
         corner = (layer, b, 0, positions[b, 0], 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[:, b:b + 1], corner)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[:, b:b + 1], corner)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[:, b : b + 1], corner)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[:, b : b + 1], corner)
     else:  # large batches: one scatter (a program that does not grow with the batch)
       rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(k.shape[2])[None, :, None]
       slots = positions[:, None, :]

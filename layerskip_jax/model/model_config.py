@@ -19,10 +19,10 @@ ROPE_TYPES = ('default', 'linear', 'llama3')
 
 # model.remat_policy: name -> the jax.checkpoint policy each layer is rematerialised with (None: no remat).
 REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'save_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj', 'attn_out', 'mlp_out'),
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'save_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj', 'attn_out', 'mlp_out'),
 }
 
 
@@ -37,13 +37,21 @@ class RopeScaling:
 
 # Fields that change how the model computes or is initialised, not which function it computes: a checkpoint may be
 # loaded into a config that differs in these (continual pretraining casts the weights to param_dtype).
-NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'attention_impl', 'attention_block', 'scan_unroll',
-                   'initializer_range')
+NUMERICS_FIELDS = (
+  'dtype',
+  'param_dtype',
+  'remat_policy',
+  'attention_impl',
+  'attention_block',
+  'scan_unroll',
+  'initializer_range',
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Field names are Hugging Face Llama's; see configs/base.py for what each means."""
+
   vocab_size: int = bounded(low=1)
   hidden_size: int = bounded(low=1)
   intermediate_size: int = bounded(low=1)

@@ -18,7 +18,7 @@ from layerskip_jax.model.model_config import ModelConfig
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
   """float32 [head_dim // 2]: the rotation speed of each channel pair (a compile-time constant)."""
   dim = config.head_dim
-  inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)))
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
   inv_freq = inv_freq.astype(np.float32)
   scaling = config.rope_scaling
   if scaling.rope_type == 'linear':

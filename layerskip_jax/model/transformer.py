@@ -35,7 +35,6 @@ def default_positions(tokens: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = self.config = config
     self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ('vocab', 'embed'), c)
@@ -100,8 +99,15 @@ class Transformer(nnx.Module):
       raise ValueError(f'layer range [{start}, {stop}) is not within [0, {num_layers}]')
     return start, stop, static
 
-  def run_span(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
-               start: int | jax.Array = 0, stop: int | jax.Array | None = None) -> jax.Array:
+  def run_span(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    start: int | jax.Array = 0,
+    stop: int | jax.Array | None = None,
+  ) -> jax.Array:
     """x_stop: layers [start, stop) applied to x = x_start (the output of layer start-1, or x_0); stop None is L.
 
     Python ints scan only those layers; traced values scan all L and skip the others with lax.cond, so one
@@ -109,8 +115,12 @@ class Transformer(nnx.Module):
     apply, state = self._scanned_layer(positions, segment_ids)
     start, stop, static = self._span(start, stop)
     if static:
-      x, _ = jax.lax.scan(lambda x, layer_state: (apply(layer_state, x), None), x,
-                          jax.tree.map(lambda a: a[start:stop], state), unroll=self.config.scan_unroll)
+      x, _ = jax.lax.scan(
+        lambda x, layer_state: (apply(layer_state, x), None),
+        x,
+        jax.tree.map(lambda a: a[start:stop], state),
+        unroll=self.config.scan_unroll,
+      )
       return x
 
     def body(x, xs):
@@ -121,9 +131,16 @@ class Transformer(nnx.Module):
     x, _ = jax.lax.scan(body, x, (state, index), unroll=self.config.scan_unroll)
     return x
 
-  def run_train(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
-                layer_keep: jax.Array | None = None, sample_keep: jax.Array | None = None,
-                collect_layers: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+  def run_train(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    layer_keep: jax.Array | None = None,
+    sample_keep: jax.Array | None = None,
+    collect_layers: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array | None]:
     """The training pass: all L layers on x_0 under the layer-dropout masks (objective/dropout.py); returns
     (x_L, exits), exits the outputs of the layers the step supervises (None without collect_layers).
 
@@ -155,12 +172,21 @@ class Transformer(nnx.Module):
       return (y, buffer), None
 
     buffer = None if collect_layers is None else jnp.zeros((collect_layers.shape[0], *x.shape), x.dtype)
-    (x, buffer), _ = jax.lax.scan(body, (x, buffer), (state, index, layer_keep, sample_keep),
-                                  unroll=self.config.scan_unroll)
+    (x, buffer), _ = jax.lax.scan(
+      body, (x, buffer), (state, index, layer_keep, sample_keep), unroll=self.config.scan_unroll
+    )
     return x, buffer
 
-  def run_cached(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
-                 start: int = 0, stop: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  def run_cached(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Decoding on the stacked weights (GPU/TPU): layers [start, stop) on x [B, T, D] at `positions` [B, T] with
     the KV cache [L, B, kv_heads, S, head_dim] (DecoderLayer.decode). Returns (x, cache_k, cache_v, ran [L] bool).
 
@@ -172,8 +198,10 @@ class Transformer(nnx.Module):
     """
     start, stop, static = self._span(start, stop)
     if not static:
-      raise ValueError('run_cached (stacked weights) needs a static layer range (Python ints); '
-                       'run_cached_unstacked takes a traced exit')
+      raise ValueError(
+        'run_cached (stacked weights) needs a static layer range (Python ints); '
+        'run_cached_unstacked takes a traced exit'
+      )
     graphdef, state = nnx.split(self.layers)
     cos, sin = rope_tables(positions, self.config)
 
@@ -185,10 +213,17 @@ class Transformer(nnx.Module):
     index = jnp.arange(self.config.num_hidden_layers)
     return x, cache_k, cache_v, (index >= start) & (index < stop)
 
-  def run_cached_unstacked(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                           layer_params: tuple[nnx.State, ...], *, start: int | jax.Array = 0,
-                           stop: int | jax.Array | None = None
-                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  def run_cached_unstacked(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    layer_params: tuple[nnx.State, ...],
+    *,
+    start: int | jax.Array = 0,
+    stop: int | jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Decoding on separately stored weights (the CPU layout): as run_cached, with `layer_params` every layer's
     weights as separate arrays (`unstacked_layers()`, made once outside the compiled program), applied in an
     unrolled loop. On a CPU, XLA copies a slice of the stacked weights before each matmul (static or dynamic slice
@@ -226,14 +261,21 @@ class Transformer(nnx.Module):
 
   # --- whole model ------------------------------------------------------------------------------------------
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               *, exit_layer: int | jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    exit_layer: int | jax.Array | None = None,
+  ) -> jax.Array:
     """float32 logits [batch, seq, vocab] of exit `exit_layer` (E in 1..L; None = L, the final output)."""
     positions = default_positions(tokens) if positions is None else positions
     return self.head(self.run_span(self.embed(tokens), positions, segment_ids, stop=exit_layer))
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+    self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """[L, batch, seq, hidden]: entry l is x_{l+1}, the output (never the input) of layer l; no dropout (evaluation,
     the exit statistics)."""
     positions = default_positions(tokens) if positions is None else positions

@@ -13,10 +13,19 @@ from layerskip_jax.sharding import ACT_LB, constrain
 DROPOUT_MODES = ('per_sample', 'per_batch')  # layerskip.dropout_mode: one draw per sequence, or per microbatch
 
 
-def keep_masks(num_layers: int, batch_size: int, step: int | jax.Array, microbatch: int | jax.Array, *,
-               seed: int, p_max: float, total_steps: int, depth_schedule: str = 'exp',
-               time_schedule: str = 'constant', mode: str = 'per_sample'
-               ) -> tuple[jax.Array | None, jax.Array | None]:
+def keep_masks(
+  num_layers: int,
+  batch_size: int,
+  step: int | jax.Array,
+  microbatch: int | jax.Array,
+  *,
+  seed: int,
+  p_max: float,
+  total_steps: int,
+  depth_schedule: str = 'exp',
+  time_schedule: str = 'constant',
+  mode: str = 'per_sample',
+) -> tuple[jax.Array | None, jax.Array | None]:
   """(layer_keep [L] or None, sample_keep [L, batch] or None), as Transformer.run_train takes them.
 
   per_sample: one draw per sequence of the (global) microbatch per layer, the paper's choice.

@@ -40,6 +40,7 @@ def _chunked(chunk_len: int, *arrays: jax.Array) -> tuple[int, tuple[jax.Array, 
     if pad:
       a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
     return jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+
   return num_chunks, tuple(chunks(a) for a in arrays)
 
 
@@ -51,8 +52,9 @@ def greedy_over_chunks(model: Transformer, hidden: jax.Array, chunk_len: int) ->
   return jnp.moveaxis(top1, 0, 1).reshape(hidden.shape[0], -1)[:, :seq]
 
 
-def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_len: int,
-                     stats) -> Any:
+def _sum_over_chunks(
+  model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_len: int, stats
+) -> Any:
   """Sums stats(logits [B, c, V], targets [B, c], mask [B, c]) over chunks of `chunk_len` sequence positions.
 
   The chunks go through the head one at a time (lax.scan), each under jax.checkpoint: peak memory holds one
@@ -68,8 +70,10 @@ def _sum_over_chunks(model: Transformer, hidden: jax.Array, targets: jax.Array, 
     return jax.tree.map(jnp.add, total, chunk_stats(*xs)), None
 
   xs = (hidden_chunks, target_chunks, mask_chunks)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(chunk_stats, *(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in xs)))
+  zeros = jax.tree.map(
+    lambda s: jnp.zeros(s.shape, s.dtype),
+    jax.eval_shape(chunk_stats, *(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in xs)),
+  )
   total, _ = jax.lax.scan(body, zeros, xs)
   return total
 
@@ -79,8 +83,9 @@ def _cross_entropy(logits, targets, mask):
   return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mask)
 
 
-def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                      chunk_len: int) -> jax.Array:
+def cross_entropy_sum(
+  model: Transformer, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk_len: int
+) -> jax.Array:
   """sum over tokens of mask * CE(g(hidden), targets), float32, for hidden [B, T, D], targets/mask [B, T],
   computed chunk by chunk (logits never exist for the whole sequence)."""
   return _sum_over_chunks(model, hidden, targets, mask.astype(jnp.float32), chunk_len, _cross_entropy)
@@ -89,6 +94,7 @@ def cross_entropy_sum(model: Transformer, hidden: jax.Array, targets: jax.Array,
 def _distillation(kind: str, temperature: float):
   """stats(logits [B, c, V], (targets, teacher logits) [B, c] and [B, c, V], mask) -> (CE sum, D sum) of spec 1.5:
   soft: KL(softmax(z_L / tau) || softmax(z_l / tau)) tau^2; hard: CE with argmax z_L. The teacher is held fixed."""
+
   def stats(logits, targets_and_teacher, mask):
     targets, teacher = targets_and_teacher
     teacher = jax.lax.stop_gradient(teacher)
@@ -98,18 +104,27 @@ def _distillation(kind: str, temperature: float):
     log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
     log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return ce, jnp.sum(kl * mask) * temperature ** 2
+    return ce, jnp.sum(kl * mask) * temperature**2
+
   return stats
 
 
-def distillation_sums(model: Transformer, hidden: jax.Array, teacher_hidden: jax.Array, targets: jax.Array,
-                      mask: jax.Array, chunk_len: int, kind: str = 'soft', temperature: float = 1.0
-                      ) -> tuple[jax.Array, jax.Array]:
+def distillation_sums(
+  model: Transformer,
+  hidden: jax.Array,
+  teacher_hidden: jax.Array,
+  targets: jax.Array,
+  mask: jax.Array,
+  chunk_len: int,
+  kind: str = 'soft',
+  temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
   """(sum of mask * CE(g(hidden), targets), sum of mask * D(g(teacher_hidden) || g(hidden))), float32, chunk by
   chunk: the teacher's logits are computed per chunk as well (no [B, T, V] tensor for either), under stop-gradient
   (no gradient reaches the teacher's layers through D)."""
   _, (hidden_chunks, teacher_chunks, target_chunks, mask_chunks) = _chunked(
-      chunk_len, hidden, jax.lax.stop_gradient(teacher_hidden), targets, mask.astype(jnp.float32))
+    chunk_len, hidden, jax.lax.stop_gradient(teacher_hidden), targets, mask.astype(jnp.float32)
+  )
   stats = _distillation(kind, temperature)
 
   @jax.checkpoint
@@ -123,8 +138,9 @@ def distillation_sums(model: Transformer, hidden: jax.Array, teacher_hidden: jax
   def body(total, xs):
     return jax.tree.map(jnp.add, total, chunk_stats(*xs)), None
 
-  total, _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)),
-                          (hidden_chunks, teacher_chunks, target_chunks, mask_chunks))
+  total, _ = jax.lax.scan(
+    body, (jnp.float32(0), jnp.float32(0)), (hidden_chunks, teacher_chunks, target_chunks, mask_chunks)
+  )
   return total
 
 
@@ -138,9 +154,15 @@ def _exit_token_subset(cfg: ObjectiveConfig, seq: int, step, microbatch, layer) 
   return jax.random.choice(key, seq, (count,), replace=False)
 
 
-def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | jax.Array,
-                   microbatch: int | jax.Array, cfg: ObjectiveConfig, *, train: bool = True
-                   ) -> tuple[jax.Array, dict[str, Any]]:
+def layerskip_loss(
+  model: Transformer,
+  batch: dict[str, jax.Array],
+  step: int | jax.Array,
+  microbatch: int | jax.Array,
+  cfg: ObjectiveConfig,
+  *,
+  train: bool = True,
+) -> tuple[jax.Array, dict[str, Any]]:
   """(J, metrics) for one microbatch. `step` is t (0-based: the update that produces step t+1).
 
   batch: `inputs`, `targets` int [B, T]; `loss_mask` [B, T] (1 where the target counts; 0 on padding, on
@@ -158,15 +180,30 @@ def layerskip_loss(model: Transformer, batch: dict[str, jax.Array], step: int | 
   layer_keep, sample_keep = (None, None)
   if train:
     layer_keep, sample_keep = keep_masks(
-        num_layers, batch_size, step, microbatch, seed=cfg.seed, p_max=cfg.p_max, total_steps=cfg.total_steps,
-        depth_schedule=cfg.depth_schedule, time_schedule=cfg.time_schedule, mode=cfg.dropout_mode)
+      num_layers,
+      batch_size,
+      step,
+      microbatch,
+      seed=cfg.seed,
+      p_max=cfg.p_max,
+      total_steps=cfg.total_steps,
+      depth_schedule=cfg.depth_schedule,
+      time_schedule=cfg.time_schedule,
+      mode=cfg.dropout_mode,
+    )
   num_early = cfg.num_early_exits(num_layers)
-  weights = early_exit_weights(num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale,
-                               cfg.draft_exit)
+  weights = early_exit_weights(
+    num_layers, step, cfg.total_steps, cfg.curriculum, cfg.rotation_period, cfg.e_scale, cfg.draft_exit
+  )
   chosen_weights, chosen = jax.lax.top_k(weights[:-1], max(num_early, 1))  # every active early exit, then zeros
-  x_last, hidden = model.run_train(model.embed(inputs), positions, batch.get('segment_ids'),
-                                   layer_keep=layer_keep, sample_keep=sample_keep,
-                                   collect_layers=chosen if num_early > 0 else None)
+  x_last, hidden = model.run_train(
+    model.embed(inputs),
+    positions,
+    batch.get('segment_ids'),
+    layer_keep=layer_keep,
+    sample_keep=sample_keep,
+    collect_layers=chosen if num_early > 0 else None,
+  )
 
   tokens = jnp.sum(mask)
   denominator = jnp.maximum(tokens, 1.0)
@@ -221,8 +258,8 @@ def exit_statistics(model: Transformer, batch: dict[str, jax.Array], chunk_len: 
     def stats(logits, targets_and_final, m):
       targets, final_top1 = targets_and_final[..., 0], targets_and_final[..., 1]
       top1 = jnp.argmax(logits, axis=-1)
-      return (_cross_entropy(logits, targets, m), jnp.sum((top1 == targets) * m),
-              jnp.sum((top1 == final_top1) * m))
+      return (_cross_entropy(logits, targets, m), jnp.sum((top1 == targets) * m), jnp.sum((top1 == final_top1) * m))
+
     return None, _sum_over_chunks(model, h, jnp.stack([batch['targets'], final], axis=-1), mask, chunk_len, stats)
 
   _, (ce, correct, agree) = jax.lax.scan(per_exit, None, hidden)
@@ -233,6 +270,10 @@ def summarize_exits(totals: dict[str, np.ndarray]) -> dict[str, Any]:
   """Per-exit means (arrays of length L) from exit_statistics summed over batches (on the host)."""
   tokens = max(float(totals['tokens']), 1.0)
   exit_ce = np.asarray(totals['ce']) / tokens
-  return {'exit_ce': exit_ce, 'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
-          'exit_accuracy': np.asarray(totals['correct']) / tokens,
-          'exit_agreement': np.asarray(totals['agree_final']) / tokens, 'tokens': float(totals['tokens'])}
+  return {
+    'exit_ce': exit_ce,
+    'exit_ppl': np.exp(np.minimum(exit_ce, 50.0)),
+    'exit_accuracy': np.asarray(totals['correct']) / tokens,
+    'exit_agreement': np.asarray(totals['agree_final']) / tokens,
+    'tokens': float(totals['tokens']),
+  }

@@ -28,6 +28,7 @@ def _train_key(default: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """The `layerskip` config section plus train.steps (T) and train.seed."""
+
   total_steps: int = _train_key(1)
   seed: int = _train_key(0)
   p_max: float = bounded(0.1, low=0.0, high=1.0)
@@ -57,14 +58,19 @@ class ObjectiveConfig:
   def from_config(cls, config: config_dict.ConfigDict) -> 'ObjectiveConfig':
     """From a whole config (its layerskip section, train.steps and train.seed); a layerskip key that is not a field
     is a one-line ConfigError naming it."""
-    return cls(total_steps=config.train.steps, seed=config.train.seed,
-               **section_kwargs(config.layerskip, cls, 'layerskip'))
+    return cls(
+      total_steps=config.train.steps, seed=config.train.seed, **section_kwargs(config.layerskip, cls, 'layerskip')
+    )
 
   def num_early_exits(self, num_layers: int) -> int:
     """The early exits a step computes (a static count: the curriculum's maximum, draft_exit included; entries of
     zero weight are computed too). The last exit is always supervised, on its own, besides these."""
-    return max_supervised_exits(num_layers, self.total_steps, self.curriculum, self.rotation_period, self.e_scale,
-                                self.draft_exit) - 1
+    return (
+      max_supervised_exits(
+        num_layers, self.total_steps, self.curriculum, self.rotation_period, self.e_scale, self.draft_exit
+      )
+      - 1
+    )
 
   @property
   def is_baseline(self) -> bool:

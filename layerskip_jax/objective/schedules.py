@@ -29,7 +29,7 @@ def depth_scale(num_layers: int, schedule: str = 'exp') -> jax.Array:
   l = jnp.arange(num_layers, dtype=jnp.float32)
   frac = l / (num_layers - 1)
   if schedule == 'exp':
-    return 2.0 ** frac - 1.0
+    return 2.0**frac - 1.0
   if schedule == 'uniform':
     return jnp.ones_like(l)
   if schedule == 'linear':
@@ -50,8 +50,14 @@ def time_scale(step: int | jax.Array, total_steps: int, schedule: str = 'constan
   return 2.0 ** (t / total_steps) - 1.0
 
 
-def layer_dropout_probs(num_layers: int, p_max: float, step: int | jax.Array, total_steps: int,
-                        depth_schedule: str = 'exp', time_schedule: str = 'constant') -> jax.Array:
+def layer_dropout_probs(
+  num_layers: int,
+  p_max: float,
+  step: int | jax.Array,
+  total_steps: int,
+  depth_schedule: str = 'exp',
+  time_schedule: str = 'constant',
+) -> jax.Array:
   """p_{l,t} = S(t) * D(l) * p_max for l = 0..L-1: float32 [num_layers], each in [0, p_max]."""
   return time_scale(step, total_steps, time_schedule) * depth_scale(num_layers, depth_schedule) * p_max
 
@@ -67,8 +73,9 @@ def early_exit_scales(num_layers: int, e_scale: float = 1.0) -> jax.Array:
   return scales.at[-1].set(last)
 
 
-def curriculum_mask(num_layers: int, step: int | jax.Array, total_steps: int, curriculum: str = 'rotational',
-                    rotation_period: int = 4) -> jax.Array:
+def curriculum_mask(
+  num_layers: int, step: int | jax.Array, total_steps: int, curriculum: str = 'rotational', rotation_period: int = 4
+) -> jax.Array:
   """C(t, l) in {0, 1} as bool [num_layers]: which exits are supervised at step t. The last is always on.
 
   rotational: l mod R == t mod R. gradual: exits switch on from the last toward the first, one every T/(2L) steps
@@ -86,8 +93,15 @@ def curriculum_mask(num_layers: int, step: int | jax.Array, total_steps: int, cu
   return active | (l == num_layers - 1)
 
 
-def early_exit_weights(num_layers: int, step: int | jax.Array, total_steps: int, curriculum: str = 'rotational',
-                       rotation_period: int = 4, e_scale: float = 1.0, draft_exit: int = 0) -> jax.Array:
+def early_exit_weights(
+  num_layers: int,
+  step: int | jax.Array,
+  total_steps: int,
+  curriculum: str = 'rotational',
+  rotation_period: int = 4,
+  e_scale: float = 1.0,
+  draft_exit: int = 0,
+) -> jax.Array:
   """w(t, l) = C(t,l) e(l) / sum_i C(t,i) e(i): float32 [num_layers], zero for inactive exits, summing to 1.
 
   draft_exit E > 0 (beyond the paper) supervises exit E at every step, whatever the curriculum says: the exit
@@ -100,8 +114,9 @@ def early_exit_weights(num_layers: int, step: int | jax.Array, total_steps: int,
 
 
 @functools.lru_cache(maxsize=None)
-def max_supervised_exits(num_layers: int, total_steps: int, curriculum: str, rotation_period: int,
-                         e_scale: float, draft_exit: int = 0) -> int:
+def max_supervised_exits(
+  num_layers: int, total_steps: int, curriculum: str, rotation_period: int, e_scale: float, draft_exit: int = 0
+) -> int:
   """The most exits with non-zero weight at any step (a static bound: the loss computes this many per step)."""
   if curriculum == 'rotational':
     steps = range(min(rotation_period, total_steps))
@@ -110,5 +125,12 @@ def max_supervised_exits(num_layers: int, total_steps: int, curriculum: str, rot
   else:
     steps = [0]
   with jax.ensure_compile_time_eval():
-    return max(int(np.sum(np.asarray(early_exit_weights(num_layers, t, total_steps, curriculum, rotation_period,
-                                                        e_scale, draft_exit)) > 0)) for t in steps)
+    return max(
+      int(
+        np.sum(
+          np.asarray(early_exit_weights(num_layers, t, total_steps, curriculum, rotation_period, e_scale, draft_exit))
+          > 0
+        )
+      )
+      for t in steps
+    )

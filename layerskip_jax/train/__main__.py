@@ -22,8 +22,11 @@ flags.DEFINE_string('workdir', None, 'run directory: config, tokenizer, checkpoi
 flags.DEFINE_string('coordinator_address', None, 'multi-process: host:port of process 0')
 flags.DEFINE_integer('num_processes', None, 'multi-process: number of processes')
 flags.DEFINE_integer('process_id', None, 'multi-process: this process (0..num_processes-1)')
-flags.DEFINE_bool('dry_run', False, 'check the config, the workdir and train.init_from as a run would, print what it '
-                  'would do, write nothing and exit')
+flags.DEFINE_bool(
+  'dry_run',
+  False,
+  'check the config, the workdir and train.init_from as a run would, print what it would do, write nothing and exit',
+)
 
 
 def main(args: cli.Args) -> int:
@@ -34,17 +37,20 @@ def main(args: cli.Args) -> int:
     raise UsageError('--workdir is required (the run directory; an existing one is resumed)')
   config = config_lib.load(f.config, args.config_overrides)  # validated before anything compiles
   from layerskip_jax.train import distributed, trainer
+
   if f.dry_run:
     print(f'ok: {trainer.validate(config, f.workdir)}')
     return 0
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   import jax
   from layerskip_jax.model.attention import resolve_impl
+
   try:  # a kernel on the wrong backend (cudnn on a TPU, splash on a GPU): refused before anything is written
     resolve_impl(config.model.attention_impl, jax.default_backend(), config.model.dtype)
   except ValueError as e:
     raise UsageError(str(e)) from None
   from layerskip_jax.train.checkpointing import CheckpointWriteError
+
   try:
     trainer.train(config, f.workdir)
   except (trainer.NonFiniteLoss, CheckpointWriteError) as e:

@@ -66,24 +66,44 @@ flags.DEFINE_integer('input_batches', 100, 'input: global batches the loader rea
 flags.DEFINE_string('json', None, 'write the results here')
 
 SPEED_SETTINGS = {  # name -> layerskip overrides (train.steps and the rest come from --config)
-    'preset': {},  # the --config as given, --config.k=v included: the recipe a run of it trains with
-    'preset_tokens0.25': dict(exit_token_fraction=0.25),  # ... with early exits scored on a quarter of positions
-    'preset_tokens0.125': dict(exit_token_fraction=0.125),
-    'preset_per_batch': dict(dropout_mode='per_batch'),  # ... with dropped layers skipped for the whole batch
-    'preset_dropout_only': dict(e_scale=0.0),  # ... its layer-dropout masks alone (last exit only): what they cost
-    'preset_exits_only': dict(p_max=0.0),  # ... its early-exit loss alone (no layer dropout)
-    'preset_distilled': dict(distill_weight=0.5, distill='soft', distill_warmup=0.5),  # ... with self-distillation
-    'baseline': dict(p_max=0.0, e_scale=0.0),
-    'layerskip_R4_p0.1': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
-                              time_schedule='constant'),
-    'layerskip_R4_p0.1_tokens0.25': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
-                                         time_schedule='constant', exit_token_fraction=0.25),
-    'per_batch_p0.5_last_exit': dict(p_max=0.5, e_scale=0.0, dropout_mode='per_batch', time_schedule='constant'),
-    'per_batch_p0.5_R4': dict(p_max=0.5, e_scale=1.0, dropout_mode='per_batch', time_schedule='constant',
-                              curriculum='rotational', rotation_period=4),
-    'all_exits_every_step': dict(p_max=0.1, e_scale=1.0, curriculum='none', time_schedule='constant'),
-    'layerskip_R4_p0.1_distill_soft0.5': dict(p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4,
-                                              time_schedule='constant', distill_weight=0.5, distill='soft'),
+  'preset': {},  # the --config as given, --config.k=v included: the recipe a run of it trains with
+  'preset_tokens0.25': dict(exit_token_fraction=0.25),  # ... with early exits scored on a quarter of positions
+  'preset_tokens0.125': dict(exit_token_fraction=0.125),
+  'preset_per_batch': dict(dropout_mode='per_batch'),  # ... with dropped layers skipped for the whole batch
+  'preset_dropout_only': dict(e_scale=0.0),  # ... its layer-dropout masks alone (last exit only): what they cost
+  'preset_exits_only': dict(p_max=0.0),  # ... its early-exit loss alone (no layer dropout)
+  'preset_distilled': dict(distill_weight=0.5, distill='soft', distill_warmup=0.5),  # ... with self-distillation
+  'baseline': dict(p_max=0.0, e_scale=0.0),
+  'layerskip_R4_p0.1': dict(
+    p_max=0.1, e_scale=1.0, curriculum='rotational', rotation_period=4, time_schedule='constant'
+  ),
+  'layerskip_R4_p0.1_tokens0.25': dict(
+    p_max=0.1,
+    e_scale=1.0,
+    curriculum='rotational',
+    rotation_period=4,
+    time_schedule='constant',
+    exit_token_fraction=0.25,
+  ),
+  'per_batch_p0.5_last_exit': dict(p_max=0.5, e_scale=0.0, dropout_mode='per_batch', time_schedule='constant'),
+  'per_batch_p0.5_R4': dict(
+    p_max=0.5,
+    e_scale=1.0,
+    dropout_mode='per_batch',
+    time_schedule='constant',
+    curriculum='rotational',
+    rotation_period=4,
+  ),
+  'all_exits_every_step': dict(p_max=0.1, e_scale=1.0, curriculum='none', time_schedule='constant'),
+  'layerskip_R4_p0.1_distill_soft0.5': dict(
+    p_max=0.1,
+    e_scale=1.0,
+    curriculum='rotational',
+    rotation_period=4,
+    time_schedule='constant',
+    distill_weight=0.5,
+    distill='soft',
+  ),
 }
 
 
@@ -110,11 +130,18 @@ def torch_reference(config_name: str, steps: int) -> dict | None:
   config = config_lib.load(config_name)
   m, b, t = config.model, config.train.batch_size, config.train.seq_len
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-      num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
-      tie_word_embeddings=m.tie_word_embeddings))
+  model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=m.vocab_size,
+      hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers,
+      num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads,
+      max_position_embeddings=m.max_position_embeddings,
+      tie_word_embeddings=m.tie_word_embeddings,
+    )
+  )
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
   tokens = torch.randint(0, m.vocab_size, (b, t + 1))
   times = []
@@ -126,12 +153,15 @@ def torch_reference(config_name: str, steps: int) -> dict | None:
     opt.zero_grad()
     if i >= 2:
       times.append(time.perf_counter() - begin)
-  return {'median_ms': 1e3 * float(np.median(times)), 'tokens_per_sec': b * t / float(np.median(times)),
-          'threads': torch.get_num_threads(), 'torch': torch.__version__}
+  return {
+    'median_ms': 1e3 * float(np.median(times)),
+    'tokens_per_sec': b * t / float(np.median(times)),
+    'threads': torch.get_num_threads(),
+    'torch': torch.__version__,
+  }
 
 
-def speed(config_name: str, steps: int, peak: float, names: list[str] | None = None,
-          overrides: list[str] = ()) -> dict:
+def speed(config_name: str, steps: int, peak: float, names: list[str] | None = None, overrides: list[str] = ()) -> dict:
   """Each setting's train step, compiled once, then timed interleaved: `steps` rounds that each run every setting
   once in turn, so the machine's drift falls on all settings alike (a shared CPU's speed varies 20-30% over
   minutes). `preset` is the config exactly as given (with `overrides`); the others replace layerskip keys.
@@ -139,6 +169,7 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
   preset's train.steps (launch/local.sh --with-baseline=time trains the baseline that long)."""
   from layerskip_jax.model import ModelConfig
   from layerskip_jax.train.metrics import train_flops_per_token
+
   names = list(SPEED_SETTINGS) if names is None else list(dict.fromkeys(['baseline', *names]))
   runs = {}
   for name in names:
@@ -147,9 +178,15 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
     b, t = config.train.batch_size, config.train.seq_len
     start = time.perf_counter()
     compiled, state = compiled_train_step(config, b, t, concrete=True)
-    runs[name] = {'config': config, 'applied': applied, 'compiled': compiled, 'state': state,
-                  'compile_s': time.perf_counter() - start, 'batch': synthetic_batch(config.model.vocab_size, b, t),
-                  'times': []}
+    runs[name] = {
+      'config': config,
+      'applied': applied,
+      'compiled': compiled,
+      'state': state,
+      'compile_s': time.perf_counter() - start,
+      'batch': synthetic_batch(config.model.vocab_size, b, t),
+      'times': [],
+    }
   for i in range(steps + 2):
     for r in runs.values():
       begin = time.perf_counter()
@@ -162,9 +199,14 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
     config, median = r['config'], float(np.median(r['times']))
     b, t = config.train.batch_size, config.train.seq_len
     flops = train_flops_per_token(ModelConfig.from_config(config.model), t) * b * t
-    results[name] = {'median_ms': 1e3 * median, 'mean_ms': 1e3 * float(np.mean(r['times'])),
-                     'compile_s': r['compile_s'], 'tokens_per_sec': b * t / median, 'mfu': flops / median / peak,
-                     'overrides': r['applied']}
+    results[name] = {
+      'median_ms': 1e3 * median,
+      'mean_ms': 1e3 * float(np.mean(r['times'])),
+      'compile_s': r['compile_s'],
+      'tokens_per_sec': b * t / median,
+      'mfu': flops / median / peak,
+      'overrides': r['applied'],
+    }
   base = results['baseline']['median_ms']
   for r in results.values():
     r['vs_baseline'] = r['median_ms'] / base
@@ -177,29 +219,38 @@ def speed(config_name: str, steps: int, peak: float, names: list[str] | None = N
 
 def memory(config_name: str, seq_len: int, batch: int) -> dict:
   results = {}
-  for name, overrides in {'last_exit_only': dict(p_max=0.0, e_scale=0.0),
-                          'all_exits': dict(p_max=0.1, e_scale=1.0, curriculum='none'),
-                          'all_exits_distilled': dict(p_max=0.1, e_scale=1.0, curriculum='none',
-                                                      distill_weight=0.5, distill='soft')}.items():
-    config = config_lib.load(config_name, {**{f'layerskip.{k}': v for k, v in overrides.items()},
-                                           'train.seq_len': seq_len, 'train.batch_size': batch,
-                                           'train.grad_accum_steps': 1})
+  for name, overrides in {
+    'last_exit_only': dict(p_max=0.0, e_scale=0.0),
+    'all_exits': dict(p_max=0.1, e_scale=1.0, curriculum='none'),
+    'all_exits_distilled': dict(p_max=0.1, e_scale=1.0, curriculum='none', distill_weight=0.5, distill='soft'),
+  }.items():
+    config = config_lib.load(
+      config_name,
+      {
+        **{f'layerskip.{k}': v for k, v in overrides.items()},
+        'train.seq_len': seq_len,
+        'train.batch_size': batch,
+        'train.grad_accum_steps': 1,
+      },
+    )
     compiled, _ = compiled_train_step(config, batch, seq_len, concrete=False)
     analysis = compiled.memory_analysis()
-    results[name] = {'temp_bytes': int(analysis.temp_size_in_bytes),
-                     'argument_bytes': int(analysis.argument_size_in_bytes),
-                     'output_bytes': int(analysis.output_size_in_bytes)}
+    results[name] = {
+      'temp_bytes': int(analysis.temp_size_in_bytes),
+      'argument_bytes': int(analysis.argument_size_in_bytes),
+      'output_bytes': int(analysis.output_size_in_bytes),
+    }
   results['all_over_last_temp'] = results['all_exits']['temp_bytes'] / results['last_exit_only']['temp_bytes']
-  results['distilled_over_all_temp'] = (results['all_exits_distilled']['temp_bytes']
-                                        / results['all_exits']['temp_bytes'])
+  results['distilled_over_all_temp'] = results['all_exits_distilled']['temp_bytes'] / results['all_exits']['temp_bytes']
   return {'config': config_name, 'seq_len': seq_len, 'batch': batch, **results}
 
 
 FLOPS_SETTINGS = ('baseline', 'preset', 'preset_tokens0.25', 'preset_tokens0.125')
 
 
-def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = FLOPS_SETTINGS,
-          overrides: list[str] = ()) -> dict:
+def flops(
+  config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = FLOPS_SETTINGS, overrides: list[str] = ()
+) -> dict:
   """FLOPs of one train step of `config_name` at batch x seq_len, per SPEED_SETTINGS entry, from XLA's cost analysis
   of the compiled step (never run), and each one's ratio to the plain step.
 
@@ -212,19 +263,29 @@ def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = F
   masks, also in that difference, are counted n times over (a few elementwise FLOPs per layer and sample).
   `overrides` (k=v) apply to config_name before each setting's own."""
   from layerskip_jax.objective.objective_config import ObjectiveConfig
+
   results = {}
   for name in dict.fromkeys(['baseline', *names]):
-    applied = [*overrides, *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items()),
-               f'train.seq_len={seq_len}', f'train.batch_size={batch}', 'train.grad_accum_steps=1',
-               f'layerskip.ce_chunk_len={seq_len}', 'model.attention_impl=xla']
+    applied = [
+      *overrides,
+      *(f'layerskip.{k}={v}' for k, v in SPEED_SETTINGS[name].items()),
+      f'train.seq_len={seq_len}',
+      f'train.batch_size={batch}',
+      'train.grad_accum_steps=1',
+      f'layerskip.ce_chunk_len={seq_len}',
+      'model.attention_impl=xla',
+    ]
     config = config_lib.load(config_name, applied)
     config = config_lib.load(config_name, [*applied, f'model.scan_unroll={config.model.num_hidden_layers}'])
     compiled, _ = compiled_train_step(config, batch, seq_len, concrete=False)
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     early = ObjectiveConfig.from_config(config).num_early_exits(config.model.num_hidden_layers)
-    results[name] = {'counted_flops': float(analysis['flops']), 'early_exits_computed': early,
-                     'overrides': SPEED_SETTINGS[name]}
+    results[name] = {
+      'counted_flops': float(analysis['flops']),
+      'early_exits_computed': early,
+      'overrides': SPEED_SETTINGS[name],
+    }
   plain = results['baseline']['counted_flops']
   for r in results.values():
     r['one_exit_flops'] = r['counted_flops'] - plain if r['early_exits_computed'] else 0.0
@@ -234,9 +295,9 @@ def flops(config_name: str, seq_len: int, batch: int, names: tuple[str, ...] = F
 
 
 LOOP_SETTINGS = {  # name -> overrides of the trainer's config (on top of --config and the command line's)
-    'log_every_1': {'train.log_every': 1},
-    'log_every_10': {'train.log_every': 10},
-    'log_every_1_no_prefetch': {'train.log_every': 1, 'data.prefetch': 0},
+  'log_every_1': {'train.log_every': 1},
+  'log_every_10': {'train.log_every': 10},
+  'log_every_1_no_prefetch': {'train.log_every': 1, 'data.prefetch': 0},
 }
 
 
@@ -250,6 +311,7 @@ class _CompiledStepTimer:
     from layerskip_jax.data import loader
     from layerskip_jax.data.cache import ensure_prepared
     from layerskip_jax.train.state import compile_steps, init_state
+
     mesh = sharding.make_mesh(config.mesh)
     self.steps = compile_steps(config, mesh, with_eval=False)
     self.state = init_state(config, self.steps)
@@ -280,6 +342,7 @@ def _loop_ms(rows: list[dict]) -> float:
 def loop(config_name: str, steps: int, overrides: list[str]) -> dict:
   """Each LOOP_SETTINGS run of the trainer: host ms per step, stalls, wall ms per step against the step alone."""
   from layerskip_jax.train import trainer
+
   base = {'train.steps': steps, 'train.eval_every': 0, 'data.eval_split': '', 'checkpoint.every_steps': 10**9}
   config = config_lib.load(config_name, [*(f'{k}={v}' for k, v in base.items()), *overrides])
   tokens = config.train.batch_size * config.train.seq_len
@@ -293,13 +356,24 @@ def loop(config_name: str, steps: int, overrides: list[str]) -> dict:
       rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
     alone.append(timer.ms(steps // 2))
     loop_ms, step_ms = _loop_ms([r for r in rows if 'split' not in r]), float(np.mean(alone))
-    results[name] = {'overrides': setting, 'loop_ms': loop_ms, 'tokens_per_sec': tokens / loop_ms * 1e3,
-                     'host_ms': 1e3 * stats['host_seconds'] / stats['steps'],
-                     'idle_dispatches': stats['idle_dispatches'], 'steps': stats['steps'],
-                     'compiled_step_ms': alone, 'compiled_step_tokens_per_sec': tokens / step_ms * 1e3,
-                     'loop_minus_step_ms': loop_ms - step_ms}
-  return {'config': config_name, 'steps': steps, 'batch': config.train.batch_size, 'seq_len': config.train.seq_len,
-          'settings': results}
+    results[name] = {
+      'overrides': setting,
+      'loop_ms': loop_ms,
+      'tokens_per_sec': tokens / loop_ms * 1e3,
+      'host_ms': 1e3 * stats['host_seconds'] / stats['steps'],
+      'idle_dispatches': stats['idle_dispatches'],
+      'steps': stats['steps'],
+      'compiled_step_ms': alone,
+      'compiled_step_tokens_per_sec': tokens / step_ms * 1e3,
+      'loop_minus_step_ms': loop_ms - step_ms,
+    }
+  return {
+    'config': config_name,
+    'steps': steps,
+    'batch': config.train.batch_size,
+    'seq_len': config.train.seq_len,
+    'settings': results,
+  }
 
 
 def input_pipeline(config_name: str, steps: int, batches: int, overrides: list[str] = ()) -> dict:
@@ -307,11 +381,13 @@ def input_pipeline(config_name: str, steps: int, batches: int, overrides: list[s
   from layerskip_jax.data import loader
   from layerskip_jax.data.throughput import loader_rate
   from layerskip_jax.data.cache import ensure_prepared
+
   config = config_lib.load(config_name, overrides)
   b, t = config.train.batch_size, config.train.seq_len
   prepared = ensure_prepared(config)
-  loader_tps = loader_rate(prepared.train, t, b, loader.Rows.all(b), batches, config.train.seed,
-                           config.data.num_workers)
+  loader_tps = loader_rate(
+    prepared.train, t, b, loader.Rows.all(b), batches, config.train.seed, config.data.num_workers
+  )
   compiled, state = compiled_train_step(config, b, t, concrete=True)
   iterator = iter(loader.dataset(prepared.train, t, b, seed=config.train.seed))
   batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
@@ -323,8 +399,14 @@ def input_pipeline(config_name: str, steps: int, batches: int, overrides: list[s
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - begin)
   step_tps = b * t / float(np.median(times[1:]))
-  return {'config': config_name, 'batch': b, 'seq_len': t, 'loader_tokens_per_sec': loader_tps,
-          'train_step_tokens_per_sec': step_tps, 'loader_over_train': loader_tps / step_tps}
+  return {
+    'config': config_name,
+    'batch': b,
+    'seq_len': t,
+    'loader_tokens_per_sec': loader_tps,
+    'train_step_tokens_per_sec': step_tps,
+    'loader_over_train': loader_tps / step_tps,
+  }
 
 
 def main(args: cli.Args) -> None:
@@ -344,12 +426,15 @@ def main(args: cli.Args) -> None:
     report['matmul_peak_gflops'] = matmul_peak_flops() / 1e9
     print(f'measured float32 matmul peak: {report["matmul_peak_gflops"]:.0f} GFLOP/s (the MFU denominator)')
   if 'speed' in f.what:
-    report['speed'] = speed(f.config, f.steps, report['matmul_peak_gflops'] * 1e9, f.speed_settings,
-                            args.config_overrides)
+    report['speed'] = speed(
+      f.config, f.steps, report['matmul_peak_gflops'] * 1e9, f.speed_settings, args.config_overrides
+    )
     print(f'train step on {f.config} ({report["backend"]}), median of {f.steps} interleaved steps:')
     for name, r in report['speed']['settings'].items():
-      print(f'  {name:36s} {r["median_ms"]:8.1f} ms  {r["vs_baseline"]:5.2f}x baseline  '
-            f'{r["tokens_per_sec"]:8.0f} tok/s  MFU {r["mfu"]:.2f}')
+      print(
+        f'  {name:36s} {r["median_ms"]:8.1f} ms  {r["vs_baseline"]:5.2f}x baseline  '
+        f'{r["tokens_per_sec"]:8.0f} tok/s  MFU {r["mfu"]:.2f}'
+      )
     if 'equal_time_baseline_steps' in report['speed']:
       print(f'  a baseline as long as the preset\'s run: {report["speed"]["equal_time_baseline_steps"]} steps')
   if 'torch' in f.what:
@@ -358,41 +443,54 @@ def main(args: cli.Args) -> None:
       print('torch: not installed (pip install -r requirements-dev.txt)')
     else:
       r = report['torch']
-      print(f'  {"transformers (torch " + r["torch"] + ")":32s} {r["median_ms"]:8.1f} ms  {"":15s} '
-            f'{r["tokens_per_sec"]:8.0f} tok/s')
+      print(
+        f'  {"transformers (torch " + r["torch"] + ")":32s} {r["median_ms"]:8.1f} ms  {"":15s} '
+        f'{r["tokens_per_sec"]:8.0f} tok/s'
+      )
       if 'speed' in report:
         ours = report['speed']['settings']['baseline']['tokens_per_sec']
         report['baseline_over_torch'] = ours / r['tokens_per_sec']
         print(f'  our plain step / torch: {report["baseline_over_torch"]:.2f}x tokens/s')
   if 'memory' in f.what:
     report['memory'] = m = memory(f.memory_config, f.memory_seq_len, f.memory_batch)
-    print(f'compiled train-step temporary memory, {f.memory_config}, seq {f.memory_seq_len}, batch '
-          f'{f.memory_batch}:')
+    print(f'compiled train-step temporary memory, {f.memory_config}, seq {f.memory_seq_len}, batch {f.memory_batch}:')
     for name in ('last_exit_only', 'all_exits', 'all_exits_distilled'):
       print(f'  {name:20s} {m[name]["temp_bytes"] / 2**30:8.2f} GiB')
-    print(f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x; with soft self-distillation / without: '
-          f'{m["distilled_over_all_temp"]:.3f}x')
+    print(
+      f'  all exits / last exit only: {m["all_over_last_temp"]:.3f}x; with soft self-distillation / without: '
+      f'{m["distilled_over_all_temp"]:.3f}x'
+    )
   if 'flops' in f.what:
     report['flops'] = r = flops(f.memory_config, f.memory_seq_len, f.memory_batch, overrides=args.config_overrides)
-    print(f'compiled train-step FLOPs, {f.memory_config}, seq {f.memory_seq_len}, batch {f.memory_batch} (XLA cost '
-          'analysis, layers unrolled; early exits: computed per step x one exit):')
+    print(
+      f'compiled train-step FLOPs, {f.memory_config}, seq {f.memory_seq_len}, batch {f.memory_batch} (XLA cost '
+      'analysis, layers unrolled; early exits: computed per step x one exit):'
+    )
     for name, s in r['settings'].items():
-      print(f'  {name:20s} {s["step_flops"] / 1e12:8.2f} TFLOP  {s["vs_baseline"]:5.3f}x baseline  '
-            f'({s["early_exits_computed"]} early exits of {s["one_exit_flops"] / 1e9:.1f} GFLOP)')
+      print(
+        f'  {name:20s} {s["step_flops"] / 1e12:8.2f} TFLOP  {s["vs_baseline"]:5.3f}x baseline  '
+        f'({s["early_exits_computed"]} early exits of {s["one_exit_flops"] / 1e9:.1f} GFLOP)'
+      )
   if 'loop' in f.what:
     report['loop'] = r = loop(f.config, f.loop_steps, args.config_overrides)
-    print(f'training loop on {f.config} ({r["batch"]} x {r["seq_len"]} tokens, {f.loop_steps} steps per setting): '
-          'host work per step outside waits for the device; steps dispatched after the previous one had finished '
-          '(the device waited for the host); the loop against its compiled step alone (timed just before and after)')
+    print(
+      f'training loop on {f.config} ({r["batch"]} x {r["seq_len"]} tokens, {f.loop_steps} steps per setting): '
+      'host work per step outside waits for the device; steps dispatched after the previous one had finished '
+      '(the device waited for the host); the loop against its compiled step alone (timed just before and after)'
+    )
     for name, s in r['settings'].items():
-      print(f'  {name:24s} host {s["host_ms"]:5.1f} ms/step, device waited before {s["idle_dispatches"]:3d} of '
-            f'{s["steps"]} steps; loop {s["loop_ms"]:7.1f} ms/step {s["tokens_per_sec"]:6.0f} tok/s, step alone '
-            f'{" / ".join(f"{v:.1f}" for v in s["compiled_step_ms"])} ms')
+      print(
+        f'  {name:24s} host {s["host_ms"]:5.1f} ms/step, device waited before {s["idle_dispatches"]:3d} of '
+        f'{s["steps"]} steps; loop {s["loop_ms"]:7.1f} ms/step {s["tokens_per_sec"]:6.0f} tok/s, step alone '
+        f'{" / ".join(f"{v:.1f}" for v in s["compiled_step_ms"])} ms'
+      )
   if 'input' in f.what:
     report['input'] = r = input_pipeline(f.config, f.steps, f.input_batches, args.config_overrides)
-    print(f'input pipeline on {f.config} ({r["batch"]} x {r["seq_len"]} tokens): loader '
-          f'{r["loader_tokens_per_sec"]:,.0f} tokens/s, train step {r["train_step_tokens_per_sec"]:,.0f} tokens/s: '
-          f'the loader delivers {r["loader_over_train"]:,.1f}x what the step consumes')
+    print(
+      f'input pipeline on {f.config} ({r["batch"]} x {r["seq_len"]} tokens): loader '
+      f'{r["loader_tokens_per_sec"]:,.0f} tokens/s, train step {r["train_step_tokens_per_sec"]:,.0f} tokens/s: '
+      f'the loader delivers {r["loader_over_train"]:,.1f}x what the step consumes'
+    )
   if json_path:
     outputs.write_text(json_path, json.dumps(report, indent=2))
     print(f'wrote {f.json}')

@@ -68,21 +68,27 @@ def _os_error(e: BaseException) -> OSError | None:
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True, is_main: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_SUBDIR
     # An interrupted save (kill -9, a second Ctrl-C, a full disk) leaves STEP.orbax-checkpoint-tmp-*: never a
     # finished step (steps() ignores it); Orbax removes it here, and the console says so.
     stale = sorted(p.name for p in self.directory.glob(f'*{TMP_DIR_SUFFIX}*')) if self.directory.is_dir() else []
     if stale and is_main:
-      print(f'removing {len(stale)} unfinished checkpoint(s) left by an interrupted save in {self.directory}: '
-            f'{", ".join(stale)}', file=sys.stderr)
+      print(
+        f'removing {len(stale)} unfinished checkpoint(s) left by an interrupted save in {self.directory}: '
+        f'{", ".join(stale)}',
+        file=sys.stderr,
+      )
     # create=False: nothing is written into the workdir until the first save (a run refused while it restores
     # train.init_from leaves no trace); Orbax makes the directory then.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=False,
-                                           cleanup_tmp_directories=True)
-    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler(),
-                DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=False, cleanup_tmp_directories=True
+    )
+    handlers = {
+      STATE_ITEM: ocp.StandardCheckpointHandler(),
+      META_ITEM: ocp.JsonCheckpointHandler(),
+      DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler(),
+    }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._last: int | None = None  # the step of the last save started (it may still be committing)
 
@@ -95,10 +101,17 @@ class Checkpointer:
     trained on). A failed write (this one, or the previous asynchronous one, which Orbax reports here) raises
     CheckpointWriteError."""
     with self._write_errors(step):
-      self.manager.save(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
-          DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state)),
-          META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          **{
+            STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
+            DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state)),
+            META_ITEM: ocp.args.JsonSave(meta),
+          }
+        ),
+        force=True,
+      )
     self._last = step
 
   @contextlib.contextmanager
@@ -116,33 +129,43 @@ class Checkpointer:
       last_good = [s for s in finished if s != failed]
       good = f'step {last_good[-1]} ({self.directory / str(last_good[-1])})' if last_good else 'none'
       raise CheckpointWriteError(
-          f'checkpoint step {failed} could not be written to {cause.filename or self.directory / str(failed)}: '
-          f'{outputs.describe_os_error(cause)}; the last good checkpoint is {good}, left intact: free space (or fix '
-          'the file system) and run the same command to resume from it') from None
+        f'checkpoint step {failed} could not be written to {cause.filename or self.directory / str(failed)}: '
+        f'{outputs.describe_os_error(cause)}; the last good checkpoint is {good}, left intact: free space (or fix '
+        'the file system) and run the same command to resume from it'
+      ) from None
 
-  def restore(self, step: int, abstract_state: TrainState, iterator: grain.DatasetIterator
-              ) -> tuple[TrainState, dict]:
+  def restore(self, step: int, abstract_state: TrainState, iterator: grain.DatasetIterator) -> tuple[TrainState, dict]:
     """(state, meta) at `step`; the iterator is set to its saved position. A checkpoint that is unreadable or
     does not match the config is refused with the step named, and left as it is."""
     abstract_tree = abstract_state.to_tree()
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(abstract_tree), META_ITEM: ocp.args.JsonRestore()}))
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          **{STATE_ITEM: ocp.args.StandardRestore(abstract_tree), META_ITEM: ocp.args.JsonRestore()}
+        ),
+      )
       iterator.set_state(self._data_state(step))
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged or mismatched checkpoint
-      raise UsageError(f'checkpoint {self.directory / str(step)} cannot be restored: it is corrupt or does not '
-                       f'match the config ({one_line(e, 240)}); it was left untouched: move it '
-                       'away to resume from an earlier step, or use a new workdir') from None
+      raise UsageError(
+        f'checkpoint {self.directory / str(step)} cannot be restored: it is corrupt or does not '
+        f'match the config ({one_line(e, 240)}); it was left untouched: move it '
+        'away to resume from an earlier step, or use a new workdir'
+      ) from None
     for got, want in zip(jax.tree.leaves(restored[STATE_ITEM]), jax.tree.leaves(abstract_tree)):
       if got.shape != want.shape:
-        raise UsageError(f'checkpoint {self.directory / str(step)} holds an array of shape {got.shape} where the '
-                         f'config implies {want.shape}: it was written for another model')
+        raise UsageError(
+          f'checkpoint {self.directory / str(step)} holds an array of shape {got.shape} where the '
+          f'config implies {want.shape}: it was written for another model'
+        )
     return TrainState.from_tree(restored[STATE_ITEM]), dict(restored[META_ITEM])
 
   def _data_state(self, step: int) -> dict[str, Any]:
     """The data iterator's state saved at `step`: the file of the lowest process (every process saved the same)."""
-    files = sorted(self.directory.joinpath(str(step), DATA_ITER_ITEM).glob('process_*-of-*.json'),
-                   key=lambda p: int(p.name.split('_')[1].split('-')[0]))
+    files = sorted(
+      self.directory.joinpath(str(step), DATA_ITER_ITEM).glob('process_*-of-*.json'),
+      key=lambda p: int(p.name.split('_')[1].split('-')[0]),
+    )
     if not files:
       raise FileNotFoundError(f'no process_<i>-of-<n>.json in {self.directory / str(step) / DATA_ITER_ITEM}')
     return json.loads(files[0].read_text())

@@ -30,12 +30,14 @@ def cluster_environment() -> str | None:
   return None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """jax.distributed.initialize with explicit values, or bare where a cluster environment is detected (JAX reads
   SLURM_* / the TPU metadata itself); a single process on a laptop does nothing."""
   if coordinator_address or num_processes:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   elif cluster_environment():
     jax.distributed.initialize()

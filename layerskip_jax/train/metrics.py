@@ -27,15 +27,18 @@ def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
   """Forward + backward FLOPs per trained token of the plain step: 6 x (matmul parameters) + causal attention
   (12 x layers x seq x heads x head_dim / 2). Rematerialisation and early-exit heads are not counted (MFU counts
   useful work)."""
-  layer = (model.hidden_size * model.head_dim * (2 * model.num_attention_heads + 2 * model.num_key_value_heads)
-           + 3 * model.hidden_size * model.intermediate_size)
+  layer = (
+    model.hidden_size * model.head_dim * (2 * model.num_attention_heads + 2 * model.num_key_value_heads)
+    + 3 * model.hidden_size * model.intermediate_size
+  )
   matmul_params = model.num_hidden_layers * layer + model.hidden_size * model.vocab_size
   attention = 12 * model.num_hidden_layers * seq_len * model.num_attention_heads * model.head_dim / 2
   return 6.0 * matmul_params + attention
 
 
-def read_rows(path: str | pathlib.Path, *, warn: bool = False, flag: str | None = None
-              ) -> list[tuple[int, dict[str, Any]]]:
+def read_rows(
+  path: str | pathlib.Path, *, warn: bool = False, flag: str | None = None
+) -> list[tuple[int, dict[str, Any]]]:
   """(line number, row) of each row of a metrics.jsonl. A last line that is not JSON (torn by a kill or a full
   disk) is skipped (with a warning on stderr when `warn`); any other line that is not a JSON object raises
   UsageError naming the file and line (and `flag`, the flag that named the file)."""
@@ -55,11 +58,15 @@ def read_rows(path: str | pathlib.Path, *, warn: bool = False, flag: str | None 
         if warn:
           print(f'warning: {path}:{number}: dropping a torn last line (the run was killed mid-write)', file=sys.stderr)
         break
-      raise UsageError(f'{where}:{number}: not a JSON row ({type(e).__name__}); a metrics file has one JSON object '
-                       'per line: remove or fix the line') from None
+      raise UsageError(
+        f'{where}:{number}: not a JSON row ({type(e).__name__}); a metrics file has one JSON object '
+        'per line: remove or fix the line'
+      ) from None
     if not isinstance(row, dict):
-      raise UsageError(f'{where}:{number}: a {type(row).__name__}, not a JSON object; a metrics file has one JSON '
-                       'object per line: remove or fix the line')
+      raise UsageError(
+        f'{where}:{number}: a {type(row).__name__}, not a JSON object; a metrics file has one JSON '
+        'object per line: remove or fix the line'
+      )
     rows.append((number, row))
   return rows
 
@@ -77,9 +84,15 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-
-  def __init__(self, workdir: str | pathlib.Path, logging: config_dict.ConfigDict, *, resume_step: int,
-               enabled: bool, run_config: dict | None = None):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    logging: config_dict.ConfigDict,
+    *,
+    resume_step: int,
+    enabled: bool,
+    run_config: dict | None = None,
+  ):
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self._tb = self._wandb = None
@@ -91,15 +104,24 @@ class MetricsWriter:
     self._file = open(self.path, 'a')
     if logging.tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tb'))
     if logging.wandb:
       try:
         import wandb
-        self._wandb = wandb.init(project=logging.wandb_project, dir=str(workdir), config=run_config,
-                                 resume='allow', name=pathlib.Path(workdir).name)
+
+        self._wandb = wandb.init(
+          project=logging.wandb_project,
+          dir=str(workdir),
+          config=run_config,
+          resume='allow',
+          name=pathlib.Path(workdir).name,
+        )
       except ImportError:
-        print('warning: logging.wandb=true but wandb is not installed (pip install wandb); not logging to W&B',
-              file=sys.stderr)
+        print(
+          'warning: logging.wandb=true but wandb is not installed (pip install wandb); not logging to W&B',
+          file=sys.stderr,
+        )
 
   def write(self, row: dict[str, Any]) -> dict[str, Any]:
     row = {k: _clean(v) for k, v in row.items()}

@@ -65,11 +65,16 @@ class CompiledSteps:
   eval_seconds: float
 
 
-def abstract_batch(batch_size: int, seq_len: int, batch_sharding: NamedSharding | None = None
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+  batch_size: int, seq_len: int, batch_sharding: NamedSharding | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
   """The batch dict a step takes: [batch_size, seq_len] per key, loss_mask float32 and the rest int32."""
-  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                  sharding=batch_sharding) for k in BATCH_KEYS}
+  return {
+    k: jax.ShapeDtypeStruct(
+      (batch_size, seq_len), jnp.float32 if k == 'loss_mask' else jnp.int32, sharding=batch_sharding
+    )
+    for k in BATCH_KEYS
+  }
 
 
 def eval_batch_size(config: config_dict.ConfigDict) -> int:
@@ -84,8 +89,9 @@ def peak_bytes(compiled: jax.stages.Compiled) -> int:
   return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
-def _state_shardings(abstract_params_state: nnx.State, tx: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh) -> TrainState:
+def _state_shardings(
+  abstract_params_state: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
   """Parameters by the logical-axis rules; every params-shaped part of the optimizer state (Adam's moments) like
   its parameter (optax.tree_map_params), everything else (step counts) replicated.
 
@@ -94,13 +100,17 @@ def _state_shardings(abstract_params_state: nnx.State, tx: optax.GradientTransfo
   param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_params_state, mesh))
   abstract_opt_state = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params_state))
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_sh = optax.tree_map_params(tx, lambda _, param_sharding: param_sharding, abstract_opt_state, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, param_sharding: param_sharding,
+    abstract_opt_state,
+    param_sh,
+    transform_non_params=lambda _: replicated,
+  )
   return TrainState(params=param_sh, opt_state=opt_sh)
 
 
-def compile_steps(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, *, with_eval: bool = True
-                  ) -> CompiledSteps:
+def compile_steps(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, *, with_eval: bool = True) -> CompiledSteps:
   """Lowers and compiles the train step (global batch train.batch_size x train.seq_len, donated state, explicit
   in/out shardings) and the eval step (microbatch = batch_size // grad_accum_steps rows) from abstract inputs:
   nothing is allocated, so it also serves compile-only planning of models that do not fit this machine."""
@@ -119,25 +129,47 @@ def compile_steps(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, *, wi
 
   with jax.set_mesh(mesh):
     begin = time.perf_counter()
-    train = jax.jit(make_train_step(graphdef, tx, objective, t.grad_accum_steps),
-                    in_shardings=(state_sh, batch_shardings, replicated), out_shardings=(state_sh, replicated),
-                    donate_argnums=0).lower(
-        abstract_state, abstract_batch(t.batch_size, t.seq_len, batch_sh),
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()
+    train = (
+      jax.jit(
+        make_train_step(graphdef, tx, objective, t.grad_accum_steps),
+        in_shardings=(state_sh, batch_shardings, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+      )
+      .lower(
+        abstract_state,
+        abstract_batch(t.batch_size, t.seq_len, batch_sh),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      )
+      .compile()
+    )
     train_seconds = time.perf_counter() - begin
 
     compiled_eval, eval_seconds = None, 0.0
     if with_eval:
       begin = time.perf_counter()
-      compiled_eval = jax.jit(
+      compiled_eval = (
+        jax.jit(
           lambda params, batch: exit_statistics(nnx.merge(graphdef, params), batch, objective.ce_chunk_len),
-          in_shardings=(state_sh.params, batch_shardings), out_shardings=replicated).lower(
-              abstract_state.params, abstract_batch(eval_batch_size(config), t.seq_len, batch_sh)).compile()
+          in_shardings=(state_sh.params, batch_shardings),
+          out_shardings=replicated,
+        )
+        .lower(abstract_state.params, abstract_batch(eval_batch_size(config), t.seq_len, batch_sh))
+        .compile()
+      )
       eval_seconds = time.perf_counter() - begin
 
-  return CompiledSteps(graphdef=graphdef, tx=tx, state_shardings=state_sh, abstract_state=abstract_state,
-                       batch_sharding=batch_sh, train=train, eval=compiled_eval, train_seconds=train_seconds,
-                       eval_seconds=eval_seconds)
+  return CompiledSteps(
+    graphdef=graphdef,
+    tx=tx,
+    state_shardings=state_sh,
+    abstract_state=abstract_state,
+    batch_sharding=batch_sh,
+    train=train,
+    eval=compiled_eval,
+    train_seconds=train_seconds,
+    eval_seconds=eval_seconds,
+  )
 
 
 def init_state(config: config_dict.ConfigDict, steps: CompiledSteps, params: Any = None) -> TrainState:
@@ -147,10 +179,12 @@ def init_state(config: config_dict.ConfigDict, steps: CompiledSteps, params: Any
   param_sh = steps.state_shardings.params
   with jax.set_mesh(steps.batch_sharding.mesh):
     if params is None:
-      params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(model_config, config.train.seed), nnx.Param)),
-                       out_shardings=param_sh)()
+      params = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(create(model_config, config.train.seed), nnx.Param)), out_shardings=param_sh
+      )()
     else:
-      params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(model_config.weight_dtype), p),
-                       out_shardings=param_sh)(params)
+      params = jax.jit(
+        lambda p: jax.tree.map(lambda a: a.astype(model_config.weight_dtype), p), out_shardings=param_sh
+      )(params)
     opt_state = jax.jit(steps.tx.init, out_shardings=steps.state_shardings.opt_state)(params)
   return TrainState(params=params, opt_state=opt_state)

@@ -29,9 +29,9 @@ def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int) -> di
   return jax.tree.map(lambda a: a.reshape(num_microbatches, a.shape[0] // num_microbatches, *a.shape[1:]), batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: ObjectiveConfig,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict[str, jax.Array], jax.Array],
-                                                           tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: ObjectiveConfig, grad_accum_steps: int = 1
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch, step) -> (new state, metrics); `step` is t, the 0-based index of this update.
 
   The gradient is the mean over microbatches of each microbatch's gradient of J; metrics are averaged the same
@@ -75,6 +75,7 @@ def compiled_train_step(config: config_dict.ConfigDict, batch_size: int, seq_len
   takes the trainer's batch dict (`synthetic_batch`)."""
   from layerskip_jax import sharding
   from layerskip_jax.train.state import compile_steps, init_state
+
   config = copy.deepcopy(config)
   config.train.batch_size, config.train.seq_len = batch_size, seq_len
   steps = compile_steps(config, sharding.single_device_mesh(), with_eval=False)
@@ -85,7 +86,10 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 
   """A batch of the trainer's layout of random tokens: one document per row (segment 1, positions 0..seq_len-1),
   every target counted."""
   tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1))
-  return {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32), 'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
-          'loss_mask': jnp.ones((batch_size, seq_len), jnp.float32),
-          'segment_ids': jnp.ones((batch_size, seq_len), jnp.int32),
-          'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))}
+  return {
+    'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
+    'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
+    'loss_mask': jnp.ones((batch_size, seq_len), jnp.float32),
+    'segment_ids': jnp.ones((batch_size, seq_len), jnp.int32),
+    'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len)),
+  }

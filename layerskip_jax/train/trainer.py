@@ -124,8 +124,10 @@ def _check_saved_config(config: config_dict.ConfigDict, workdir: pathlib.Path) -
     differing = [k for k in config[section].keys() if k not in free and saved[section][k] != config[section][k]]
     if differing:
       key = differing[0]
-      raise UsageError(f'--workdir={workdir}: was started with {section}.{key}={saved[section][key]!r}, not '
-                       f'{config[section][key]!r}; resume with the same config or use a new workdir')
+      raise UsageError(
+        f'--workdir={workdir}: was started with {section}.{key}={saved[section][key]!r}, not '
+        f'{config[section][key]!r}; resume with the same config or use a new workdir'
+      )
 
 
 def check_workdir(config: config_dict.ConfigDict, workdir: pathlib.Path) -> int | None:
@@ -141,9 +143,11 @@ def check_workdir(config: config_dict.ConfigDict, workdir: pathlib.Path) -> int 
   finished = checkpoint_dir.steps(workdir)
   has_config = (workdir / config_lib.CONFIG_FILE_NAME).is_file()
   if finished and not has_config:
-    raise UsageError(f'--workdir={workdir}: holds checkpoints (latest step {finished[-1]}) but no '
-                     f'{config_lib.CONFIG_FILE_NAME}, so the config they were trained with is unknown; restore the '
-                     'file from a copy, or use a new workdir')
+    raise UsageError(
+      f'--workdir={workdir}: holds checkpoints (latest step {finished[-1]}) but no '
+      f'{config_lib.CONFIG_FILE_NAME}, so the config they were trained with is unknown; restore the '
+      'file from a copy, or use a new workdir'
+    )
   if finished:
     _check_saved_config(config, workdir)
   return finished[-1] if finished else None
@@ -160,8 +164,10 @@ def check_init_from(config: config_dict.ConfigDict) -> checkpoint_dir.Checkpoint
   ours = ModelConfig.from_config(config.model).architecture()
   differing = next((k for k in ours if theirs[k] != ours[k]), None)
   if differing is not None:
-    raise UsageError(f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
-                     f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset')
+    raise UsageError(
+      f'train.init_from={t.init_from}: its model.{differing}={theirs[differing]!r} differs '
+      f'from this config\'s {ours[differing]!r}; use --config.model.{differing}=... or its preset'
+    )
   return init_ckpt
 
 
@@ -200,6 +206,7 @@ def _format_bytes(n: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What every phase reads: the config, where the run lives, its mesh and data."""
+
   config: config_dict.ConfigDict
   workdir: pathlib.Path
   mesh: jax.sharding.Mesh
@@ -219,13 +226,22 @@ def _prepare(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> _Ru
   t = config.train
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   if eval_batch_size(config) % data_parallel:
-    raise UsageError(f'train.batch_size={t.batch_size}: each microbatch (batch_size / grad_accum_steps = '
-                     f'{eval_batch_size(config)}) must divide over the {data_parallel} data-parallel '
-                     'devices (mesh.data x mesh.fsdp)')
+    raise UsageError(
+      f'train.batch_size={t.batch_size}: each microbatch (batch_size / grad_accum_steps = '
+      f'{eval_batch_size(config)}) must divide over the {data_parallel} data-parallel '
+      'devices (mesh.data x mesh.fsdp)'
+    )
   init_ckpt = check_init_from(config)
   if latest is not None and latest >= t.steps:
-    return _Run(config=config, workdir=workdir, mesh=mesh, prepared=None, init_ckpt=init_ckpt, is_main=is_main,
-                finished_step=latest)
+    return _Run(
+      config=config,
+      workdir=workdir,
+      mesh=mesh,
+      prepared=None,
+      init_ckpt=init_ckpt,
+      is_main=is_main,
+      finished_step=latest,
+    )
   init_tokenizer = str(init_ckpt.tokenizer_path) if init_ckpt and init_ckpt.tokenizer_path else None
   prepared = ensure_prepared(config, tokenizer=config.data.tokenizer or init_tokenizer)
   return _Run(config=config, workdir=workdir, mesh=mesh, prepared=prepared, init_ckpt=init_ckpt, is_main=is_main)
@@ -238,8 +254,9 @@ def _write_run_files(run: _Run) -> None:
     _save_tokenizer(run.prepared.tokenizer, run.workdir)
 
 
-def _initial_state(run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, iterator
-                   ) -> tuple[TrainState, int, str]:
+def _initial_state(
+  run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, iterator
+) -> tuple[TrainState, int, str]:
   """Phase 3: (state, start step, what was done): the latest checkpoint of the workdir (the data iterator is set
   to its position), else train.init_from's weights with a fresh optimizer, else a fresh model."""
   start = checkpointer.latest_step()
@@ -249,8 +266,11 @@ def _initial_state(run: _Run, steps: CompiledSteps, checkpointer: Checkpointer, 
       return state, start, f'resumed from {checkpointer.directory / str(start)}'
     if run.init_ckpt is not None:
       _, params, _ = checkpoint_dir.restore_params(run.init_ckpt.step_dir, run.mesh, flag='train.init_from')
-      return (init_state(run.config, steps, params), 0,
-              f'initialised from {run.init_ckpt.step_dir} (weights only, fresh optimizer)')
+      return (
+        init_state(run.config, steps, params),
+        0,
+        f'initialised from {run.init_ckpt.step_dir} (weights only, fresh optimizer)',
+      )
   return init_state(run.config, steps), 0, 'initialised from scratch'
 
 
@@ -258,8 +278,10 @@ def _describe_compiled(steps: CompiledSteps) -> str | None:
   train, evaluate = steps.train.memory_analysis(), steps.eval.memory_analysis() if steps.eval else None
   if train is None:
     return None
-  line = (f'compiled train step in {steps.train_seconds:.1f}s; per device: parameters+optimizer '
-          f'{_format_bytes(train.argument_size_in_bytes)}, temporaries {_format_bytes(train.temp_size_in_bytes)}')
+  line = (
+    f'compiled train step in {steps.train_seconds:.1f}s; per device: parameters+optimizer '
+    f'{_format_bytes(train.argument_size_in_bytes)}, temporaries {_format_bytes(train.temp_size_in_bytes)}'
+  )
   if evaluate is not None:
     line += f'; eval step temporaries {_format_bytes(evaluate.temp_size_in_bytes)}'
   return line
@@ -274,14 +296,26 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
   if run.finished_step is not None:  # a rerun of a finished run: nothing is compiled, evaluated or appended
     if run.is_main:
       print(f'{run.workdir} is already finished at step {run.finished_step} (train.steps={t.steps}): nothing to do')
-    return {'step': run.finished_step, 'status': 'finished', 'last_row': None,
-            'loop': {'steps': 0, 'host_seconds': 0.0, 'idle_dispatches': 0}}
-  iterator = iter(loader.dataset(run.prepared.train, t.seq_len, t.batch_size, seed=t.seed,  # before compiling: a
-                                 num_workers=config.data.num_workers,                    # corpus too small for a
-                                 rows=loader.Rows.of_process(run.mesh, t.batch_size)))   # batch is refused at once
+    return {
+      'step': run.finished_step,
+      'status': 'finished',
+      'last_row': None,
+      'loop': {'steps': 0, 'host_seconds': 0.0, 'idle_dispatches': 0},
+    }
+  iterator = iter(
+    loader.dataset(
+      run.prepared.train,
+      t.seq_len,
+      t.batch_size,
+      seed=t.seed,  # before compiling: a
+      num_workers=config.data.num_workers,  # corpus too small for a
+      rows=loader.Rows.of_process(run.mesh, t.batch_size),
+    )
+  )  # batch is refused at once
   steps = compile_steps(config, run.mesh, with_eval=run.prepared.heldout is not None)
-  checkpointer = Checkpointer(run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                              is_main=run.is_main)
+  checkpointer = Checkpointer(
+    run.workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save, is_main=run.is_main
+  )
   try:
     state, start, message = _initial_state(run, steps, checkpointer, iterator)
     _write_run_files(run)
@@ -301,9 +335,12 @@ def train(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     loop.close()
   if run.is_main:
     print(f'{loop.status} at step {loop.step}; checkpoint {checkpointer.directory / str(loop.step)}')
-  return {'step': loop.step, 'status': loop.status, 'last_row': loop.last_row,
-          'loop': {'steps': loop.step - start, 'host_seconds': loop.host_seconds,
-                   'idle_dispatches': loop.idle_dispatches}}
+  return {
+    'step': loop.step,
+    'status': loop.status,
+    'last_row': loop.last_row,
+    'loop': {'steps': loop.step - start, 'host_seconds': loop.host_seconds, 'idle_dispatches': loop.idle_dispatches},
+  }
 
 
 class _Loop:
@@ -319,17 +356,25 @@ class _Loop:
     self.status, self.last_row = 'finished', None
     self.pending = None  # (step, metrics on device) of the last log step, its row not yet written
     self.latest = None  # (step, metrics on device) of the last dispatched step
-    self.metrics_writer = MetricsWriter(run.workdir, config.logging, resume_step=start, enabled=run.is_main,
-                                        run_config=config.to_dict())
+    self.metrics_writer = MetricsWriter(
+      run.workdir, config.logging, resume_step=start, enabled=run.is_main, run_config=config.to_dict()
+    )
     # The schedule is evaluated once here: evaluated per row on the device, it would queue behind the steps.
     self.learning_rates = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(t)))(np.arange(t.steps)))
-    self.flops_per_step = (train_flops_per_token(ModelConfig.from_config(config.model), t.seq_len)
-                           * t.batch_size * t.seq_len)
+    self.flops_per_step = (
+      train_flops_per_token(ModelConfig.from_config(config.model), t.seq_len) * t.batch_size * t.seq_len
+    )
     self.peak = t.peak_tflops * 1e12 * jax.device_count()
     self.profiler = _Profiler(config.logging.profile_steps, run.workdir / 'tb', enabled=run.is_main)
-    self.progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
-                         disable=not (run.is_main and config.logging.progress_bar),
-                         mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
+    self.progress = tqdm(
+      total=t.steps,
+      initial=start,
+      desc='train',
+      unit='step',
+      dynamic_ncols=True,
+      disable=not (run.is_main and config.logging.progress_bar),
+      mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    )  # a log file gets a line every 30 s
     self.last_log = (time.perf_counter(), start)  # (time, step) of the last row: step_time averages since then
     # What the loop costs the device (train.bench --what loop): host seconds per step outside waits for the device
     # (evaluations and saves excluded), and steps dispatched only after the previous one had finished.
@@ -388,8 +433,10 @@ class _Loop:
 
   def _check_finite(self, step: int, loss: float) -> None:
     if not math.isfinite(loss):
-      raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step}; stopped without saving: the last good '
-                          f'checkpoint is step {self.checkpointer.latest_step()}')
+      raise NonFiniteLoss(
+        f'non-finite loss ({loss}) at step {step}; stopped without saving: the last good '
+        f'checkpoint is step {self.checkpointer.latest_step()}'
+      )
     self.checked = step
 
   def _write_pending(self) -> None:
@@ -403,17 +450,29 @@ class _Loop:
     now = time.perf_counter()
     step_time, self.last_log = (now - self.last_log[0]) / (step - self.last_log[1]), (now, step)
     self._check_finite(step, float(metrics['loss']))
-    row = self.metrics_writer.write({
-        'step': step, 'loss': metrics['loss'], 'ce_last': metrics['ce_last'], 'exit_ce': metrics['exit_ce'],
-        'grad_norm': metrics['grad_norm'], 'learning_rate': float(self.learning_rates[step - 1]),
-        'tokens_per_sec': float(metrics['tokens']) / step_time, 'step_time': step_time,
-        'mfu': self.flops_per_step / step_time / self.peak})
+    row = self.metrics_writer.write(
+      {
+        'step': step,
+        'loss': metrics['loss'],
+        'ce_last': metrics['ce_last'],
+        'exit_ce': metrics['exit_ce'],
+        'grad_norm': metrics['grad_norm'],
+        'learning_rate': float(self.learning_rates[step - 1]),
+        'tokens_per_sec': float(metrics['tokens']) / step_time,
+        'step_time': step_time,
+        'mfu': self.flops_per_step / step_time / self.peak,
+      }
+    )
     self.last_row = row
-    self.progress.set_postfix(loss=f'{row["loss"]:.3f}', ce_last=f'{row["ce_last"]:.3f}',
-                              tok_s=f'{row["tokens_per_sec"]:.0f}', refresh=False)
+    self.progress.set_postfix(
+      loss=f'{row["loss"]:.3f}', ce_last=f'{row["ce_last"]:.3f}', tok_s=f'{row["tokens_per_sec"]:.0f}', refresh=False
+    )
     if self.progress.disable and self.setup.is_main:
-      print(f'step {step}/{self.t.steps} loss {row["loss"]:.4f} ce_last {row["ce_last"]:.4f} '
-            f'{row["tokens_per_sec"]:.0f} tok/s', flush=True)
+      print(
+        f'step {step}/{self.t.steps} loss {row["loss"]:.4f} ce_last {row["ce_last"]:.4f} '
+        f'{row["tokens_per_sec"]:.0f} tok/s',
+        flush=True,
+      )
     self.host_seconds += time.perf_counter() - now  # the row's own work, after the wait for its step
     self.checkpointer.check()  # a failed background save stops the run now, not at the next save
 
@@ -422,8 +481,15 @@ class _Loop:
     loss is checked first (a blocking fetch, as the save's own copy is), so a non-finite update is never saved."""
     if self.latest is not None and self.checked != self.step:
       self._check_finite(self.step, float(jax.device_get(self.latest[1]['loss'])))
-    self.checkpointer.save(self.step, state, self.feed.iterator_state(), {'step': self.step, 'versions': {
-        'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__}})
+    self.checkpointer.save(
+      self.step,
+      state,
+      self.feed.iterator_state(),
+      {
+        'step': self.step,
+        'versions': {'layerskip_jax': layerskip_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__},
+      },
+    )
     self.last_saved = self.step
 
   def _evaluate(self, state: TrainState) -> None:
