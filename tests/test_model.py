@@ -236,3 +236,29 @@ def test_lowered_program_does_not_grow_with_depth(small_config):
   dots_2, lines_2 = lowered_ops(2)
   dots_16, lines_16 = lowered_ops(16)
   assert dots_2 == dots_16 and lines_2 == lines_16
+
+
+def test_the_runners_earlier_names_still_work(small_model, small_config):
+  """run_layers and run_layers_cached (the names before one runner per purpose) dispatch to the new runners."""
+  tokens = _tokens()
+  positions = default_positions(tokens)
+  x0 = small_model.embed(tokens)
+  with pytest.warns(DeprecationWarning, match='run_span, run_train or hidden_states'):
+    x2, none = small_model.run_layers(x0, positions, stop=2)
+  assert none is None
+  _close(x2, small_model.run_span(x0, positions, stop=2), 0)
+  keep = jnp.ones((small_config.num_hidden_layers, 2), bool).at[1, 0].set(False)
+  with pytest.warns(DeprecationWarning):
+    x_l, hidden = small_model.run_layers(x0, positions, sample_keep=keep, collect=True)
+  every = jnp.arange(small_config.num_hidden_layers, dtype=jnp.int32)
+  ref_l, ref_hidden = small_model.run_train(x0, positions, sample_keep=keep, collect_layers=every)
+  _close(x_l, ref_l, 0)
+  _close(hidden, ref_hidden, 0)
+  from layerskip_jax.inference.cache import init_cache
+
+  cache_k, cache_v = init_cache(small_config, tokens.shape[0], 32)
+  with pytest.warns(DeprecationWarning, match='run_cached or run_cached_unstacked'):
+    old = small_model.run_layers_cached(x0, positions, cache_k, cache_v, stop=2)
+  new = small_model.run_cached(x0, positions, cache_k, cache_v, stop=2)
+  for a, b in zip(old, new):
+    _close(a, b, 0)

@@ -18,6 +18,7 @@ jax.lax.scan, so compile time does not grow with depth.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -258,6 +259,50 @@ class Transformer(nnx.Module):
     state = nnx.state(self.layers)
     copy = lambda a: jnp.array(a, dtype=dtype)
     return tuple(jax.tree.map(lambda a: copy(a[l]), state) for l in range(self.config.num_hidden_layers))
+
+  # --- the runners' earlier names (code written against them keeps working) -----------------------------------
+
+  def run_layers(
+    self,
+    x,
+    positions,
+    segment_ids=None,
+    *,
+    start=0,
+    stop=None,
+    layer_keep=None,
+    sample_keep=None,
+    collect=False,
+    collect_layers=None,
+  ):
+    """Deprecated: run_span (start/stop), run_train (masks, collect_layers; collect=True collects every layer).
+    Returns (x, hidden or None) as it did."""
+    warnings.warn(
+      'Transformer.run_layers is deprecated: use run_span, run_train or hidden_states', DeprecationWarning, stacklevel=2
+    )
+    masks = layer_keep is not None or sample_keep is not None
+    if collect or masks or collect_layers is not None:
+      if not (isinstance(start, int) and start == 0 and stop is None):
+        raise ValueError(
+          'run_layers: masks and collected outputs take the whole stack (start=0, stop=None); use run_train'
+        )
+      if collect:
+        collect_layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+      return self.run_train(
+        x, positions, segment_ids, layer_keep=layer_keep, sample_keep=sample_keep, collect_layers=collect_layers
+      )
+    return self.run_span(x, positions, segment_ids, start=start, stop=stop), None
+
+  def run_layers_cached(self, x, positions, cache_k, cache_v, *, start=0, stop=None, layer_params=None):
+    """Deprecated: run_cached (stacked weights) or run_cached_unstacked (layer_params)."""
+    warnings.warn(
+      'Transformer.run_layers_cached is deprecated: use run_cached or run_cached_unstacked',
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    if layer_params is None:
+      return self.run_cached(x, positions, cache_k, cache_v, start=start, stop=stop)
+    return self.run_cached_unstacked(x, positions, cache_k, cache_v, layer_params, start=start, stop=stop)
 
   # --- whole model ------------------------------------------------------------------------------------------
 
