@@ -3,7 +3,7 @@
     python -m layerskip_jax.data.bench [--config tiny] [--batches 300] [--processes 4] [--json data_bench.json]
     python -m layerskip_jax.data.bench --step_tokens_per_sec 50000   # against a train step's consumption
     python -m layerskip_jax.data.bench --target llama3_2_1b --gpus_per_host 8 --tokens_per_gpu 40000 --workers 0,1,2
-    python -m layerskip_jax.data.bench --index_tokens 1e10 --train_steps 0 --batches 0
+    python -m layerskip_jax.data.bench --index_tokens 1e10 --batches 0
 
 `--processes N` simulates N hosts: each reads only its rows of every global batch (the rows of its devices), as the
 trainer's processes do, and the numbers are per process (one process measured at a time: hosts have their own
