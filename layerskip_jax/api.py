@@ -32,7 +32,7 @@ from layerskip_jax.errors import UsageError
 from layerskip_jax.inference import calibrate
 from layerskip_jax.inference.cache import cache_length, check_length
 from layerskip_jax.inference.generate import GenerateResult, check_request, encode_prompts, generate
-from layerskip_jax.inference.layout import DecodeWeights, decode_weights, uses_unstacked_layers
+from layerskip_jax.inference.layout import DecodeWeights, decode_weights, wants_unstacked
 from layerskip_jax.model import ModelConfig, Transformer
 
 
@@ -51,8 +51,14 @@ class LoadedModel:
 
   @property
   def decode_model(self) -> Transformer:
-    """The model the decoder runs: on a CPU a float32 copy of a bf16 model's head (inference/layout.py)."""
-    return self._unstacked.model if self._unstacked is not None else self.model
+    """The model the decoder runs in the backend's default layout (inference/layout.py): on a CPU, the unstacked
+    layout, a bf16 model's float32 copy (made once, shared with generate); elsewhere the model itself."""
+    return self._unstacked_weights().model if wants_unstacked() else self.model
+
+  def _unstacked_weights(self) -> DecodeWeights:
+    if self._unstacked is None:  # made once: float32 copies of the layer weights
+      self._unstacked = decode_weights(self.model, unstack=True)
+    return self._unstacked
 
   @property
   def num_layers(self) -> int:
@@ -127,12 +133,9 @@ class LoadedModel:
         **options,
       )
     model = self.model
-    unstack = options.get('unstack_layers')
-    if (uses_unstacked_layers() if unstack is None else unstack) and options.get('layer_params') is None:
-      if self._unstacked is None:  # made once: float32 copies of the layer weights
-        self._unstacked = decode_weights(self.model, unstack=True)
-      model = self._unstacked.model
-      options['layer_params'] = self._unstacked.layer_params
+    if wants_unstacked(options.get('unstack_layers')) and options.get('layer_params') is None:
+      model = self._unstacked_weights().model
+      options['layer_params'] = self._unstacked_weights().layer_params
     return generate(
       model,
       prompts,

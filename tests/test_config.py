@@ -80,7 +80,7 @@ def test_a_section_and_its_dataclass_that_disagree_are_one_line_naming_the_key()
   del layerskip['p_max']  # not required (it has a default): the dataclass's default applies
   config.unlock()
   config.layerskip = config_lib.config_dict.ConfigDict(layerskip)
-  assert ObjectiveConfig.from_config(config).p_max == ObjectiveConfig().p_max
+  assert ObjectiveConfig.from_config(config).p_max == ObjectiveConfig(total_steps=1).p_max
   config.layerskip.warmup_exits = 3
   with pytest.raises(
     ConfigError,
@@ -94,6 +94,10 @@ def test_a_section_and_its_dataclass_that_disagree_are_one_line_naming_the_key()
     match=r'^model.vocab_size: a required field of ModelConfig missing from the '
     r'config; add it to configs/base.py$',
   ):
+    ModelConfig.from_config(config_lib.config_dict.ConfigDict(model))
+  model = config_lib.load('tiny').model.to_dict()
+  model['rope_scaling']['beta'] = 2.0  # a nested section is checked against its own dataclass
+  with pytest.raises(ConfigError, match=r'^model.rope_scaling.beta: not a field of RopeScaling'):
     ModelConfig.from_config(config_lib.config_dict.ConfigDict(model))
 
 

@@ -594,5 +594,7 @@ def test_data_bench_simulates_processes_and_measures_the_index(tmp_path):
     '--processes=3: must divide train.batch_size=16 (each process reads whole rows)'
   )
   assert not (tmp_path / 'x.json').exists()
+  nothing = run('--batches', '0', '--step_tokens_per_sec', '5')  # no loader to compare
+  assert nothing.returncode == 2 and 'give --batches of at least 1' in nothing.stderr.strip().splitlines()[-1]
   moved = run('--train_steps', '6')  # the step is timed by train.bench --what input now
   assert moved.returncode == 2 and '--train_steps=6: the train step is timed' in moved.stderr.strip().splitlines()[-1]

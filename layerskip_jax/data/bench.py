@@ -193,6 +193,11 @@ def main(args: cli.Args) -> None:
   for name in ('index_tokens', 'step_tokens_per_sec'):
     if f[name].value < 0:
       raise UsageError(f'--{name}={f[name].value:g}: must be positive or 0')
+  if f.step_tokens_per_sec and not f.batches:
+    raise UsageError(
+      f'--step_tokens_per_sec={f.step_tokens_per_sec:g}: compares the loader, which --batches=0 skips; '
+      'give --batches of at least 1'
+    )
   if not all(w.isdigit() for w in f.workers):
     raise UsageError(f'--workers={",".join(f.workers)}: give thread counts (0 or more), e.g. 0,1,2')
   json_path = outputs.check_file('--json', f.json)  # before the benchmark, not after it

@@ -17,8 +17,9 @@ from layerskip_jax.data.tokenizer import Tokenizer
 from layerskip_jax.errors import UsageError
 from layerskip_jax.inference.cache import cache_length, check_length
 from layerskip_jax.inference.decode import STRATEGIES, Drafting, Sampling, decode_loop, prefill
-from layerskip_jax.inference.layout import DecodeWeights, decode_weights, uses_unstacked_layers
+from layerskip_jax.inference.layout import DecodeWeights, decode_weights, wants_unstacked
 from layerskip_jax.inference.layout import cpu_decode_model as cpu_decode_model  # re-exported: the public API
+from layerskip_jax.inference.layout import uses_unstacked_layers as uses_unstacked_layers  # re-exported
 from layerskip_jax.inference.sampling import check_parameters
 from layerskip_jax.model import ModelConfig, Transformer
 
@@ -178,9 +179,7 @@ def generate(
   )
   if not isinstance(adapt_threshold, bool):
     raise UsageError(f'adapt_threshold={adapt_threshold!r}: must be True or False')
-  if unstack_layers is None:
-    unstack_layers = uses_unstacked_layers()
-  if unstack_layers and layer_params is not None:
+  if wants_unstacked(unstack_layers) and layer_params is not None:
     weights = DecodeWeights(model, layer_params)
   else:
     weights = decode_weights(model, unstack_layers)

@@ -27,6 +27,11 @@ def uses_unstacked_layers() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+def wants_unstacked(unstack: bool | None = None) -> bool:
+  """The layout a request asks for: `unstack` when given, else the backend's default (uses_unstacked_layers)."""
+  return uses_unstacked_layers() if unstack is None else bool(unstack)
+
+
 def cpu_decode_model(model: Transformer) -> Transformer:
   """The model the unstacked layout runs: itself when it computes in float32, else the same model with a float32
   config whose embedding, final norm and head are float32 copies (same values); its stacked layers are left as they
@@ -62,7 +67,7 @@ class DecodeWeights:
 def decode_weights(model: Transformer, unstack: bool | None = None) -> DecodeWeights:
   """The weights to decode `model` with: unstacked float32 copies when `unstack` (None: on a CPU backend), made
   here (once per loaded model: api caches them); else the model as it is."""
-  if not (uses_unstacked_layers() if unstack is None else unstack):
+  if not wants_unstacked(unstack):
     return DecodeWeights(model)
   model = cpu_decode_model(model)
   return DecodeWeights(model, model.unstacked_layers(jnp.float32))

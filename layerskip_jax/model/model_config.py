@@ -81,8 +81,11 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model: config_dict.ConfigDict) -> 'ModelConfig':
     """From a config's `model` section (layerskip_jax.config.load validates its values); a key that is not a field
-    is a one-line ConfigError naming it."""
-    return cls(**section_kwargs(model, cls, 'model'))
+    (of ModelConfig, or of RopeScaling under rope_scaling) is a one-line ConfigError naming it."""
+    kwargs = section_kwargs(model, cls, 'model')
+    if 'rope_scaling' in kwargs:
+      kwargs['rope_scaling'] = RopeScaling(**section_kwargs(model.rope_scaling, RopeScaling, 'model.rope_scaling'))
+    return cls(**kwargs)
 
   def architecture(self) -> dict:
     """The fields that define the function (all but NUMERICS_FIELDS), head_dim resolved."""

@@ -276,17 +276,18 @@ class Transformer(nnx.Module):
     collect_layers=None,
   ):
     """Deprecated: run_span (start/stop), run_train (masks, collect_layers; collect=True collects every layer).
-    Returns (x, hidden or None) as it did."""
+    Returns (x, hidden or None) as it did. Masks and collected outputs need the whole stack (start 0, stop L), the
+    only way the package called it; a span with them is a ValueError."""
     warnings.warn(
       'Transformer.run_layers is deprecated: use run_span, run_train or hidden_states', DeprecationWarning, stacklevel=2
     )
     masks = layer_keep is not None or sample_keep is not None
     if collect or masks or collect_layers is not None:
-      if not (isinstance(start, int) and start == 0 and stop is None):
+      if not (isinstance(start, int) and start == 0 and (stop is None or stop == self.config.num_hidden_layers)):
         raise ValueError(
           'run_layers: masks and collected outputs take the whole stack (start=0, stop=None); use run_train'
         )
-      if collect:
+      if collect and collect_layers is None:
         collect_layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
       return self.run_train(
         x, positions, segment_ids, layer_keep=layer_keep, sample_keep=sample_keep, collect_layers=collect_layers

@@ -20,8 +20,8 @@ from layerskip_jax.objective.schedules import CURRICULA, DEPTH_SCHEDULES, TIME_S
 DISTILLATION = ('soft', 'hard')  # loss.distillation_sums
 
 
-def _train_key(default: int) -> int:
-  """A field taken from the train section, not from `layerskip` (from_config passes it)."""
+def _train_key(default: int = dataclasses.MISSING) -> int:
+  """A field taken from the train section, not from `layerskip` (from_config passes it); no default: required."""
   return dataclasses.field(default=default, metadata={'outside_section': True})
 
 
@@ -29,7 +29,7 @@ def _train_key(default: int) -> int:
 class ObjectiveConfig:
   """The `layerskip` config section plus train.steps (T) and train.seed."""
 
-  total_steps: int = _train_key(1)
+  total_steps: int = _train_key()
   seed: int = _train_key(0)
   p_max: float = bounded(0.1, low=0.0, high=1.0)
   depth_schedule: str = choice('exp', DEPTH_SCHEDULES)

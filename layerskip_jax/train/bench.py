@@ -28,7 +28,7 @@ the first row) and tokens/s, against the compiled step alone, timed back to back
 just before and after each run. On a CPU the "device" shares the cores with the host, so work moved off the
 critical path still competes for them, and a shared machine's load makes wall times vary 20-30%.
 input: the input pipeline against the train step, in one run: the loader's tokens/s on the config's data (one
-process reading every row; data.bench's loader_rate, `--input_batches` batches) and the compiled step's tokens/s on a
+process reading every row; data/throughput.py: loader_rate, `--input_batches` batches) and the compiled step's tokens/s on a
 batch of that data (`--steps` steps after a first), and their ratio: above 1 the loader keeps the step fed.
 `python -m layerskip_jax.data.bench` measures the loader alone: per simulated process, at another preset's shape.
 
