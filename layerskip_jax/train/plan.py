@@ -171,6 +171,7 @@ def main(args: cli.Args) -> None:
   if f.device_memory_gb <= 0:
     raise UsageError(f'--device_memory_gb={f.device_memory_gb}: must be positive')
   json_path = outputs.check_file('--json', f.json)
+  _set_host_devices(f.devices)  # first: validating the config imports jax (the model's schema, model_config.py)
   config = config_lib.load(f.config, args.config_overrides)  # validated before anything compiles
   if config.model.attention_impl in ('cudnn', 'pallas_gpu', 'splash'):  # accelerator kernels do not compile here
     print(
@@ -179,7 +180,6 @@ def main(args: cli.Args) -> None:
     )
     with config.unlocked():
       config.model.attention_impl = 'blockwise'
-  _set_host_devices(f.devices)
   import jax
   from layerskip_jax import sharding
 
